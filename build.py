@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""The project's one entry point.
+
+    python3 build.py setup            create .venv/ and install the backend with its pinned deps
+    python3 build.py test [ARGS...]   set up if needed, then run pytest (not slow, not gpu)
+    python3 build.py serve [ARGS...]  run the backend server (see `serve --help`)
+    python3 build.py bench NAME ...   run a benchmark (`bench --help` lists them)
+
+Standard library only: it runs on a bare Python 3.11 and sets up everything else itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+CACHE = ROOT / ".cache"
+STAMP = VENV / ".setup-stamp.json"
+
+# bpy 5.0.1 is built for CPython 3.11 only, and pins numpy 1.26.4.
+PYTHON_VERSION = (3, 11)
+TORCH_VERSION = "2.13.0"
+RUNTIME_REQUIREMENTS = [
+    "numpy==1.26.4",
+    "safetensors>=0.4",
+    "pyzmq>=25",
+    "imageio>=2.31",
+    "imageio-ffmpeg>=0.5",
+    "gsplat==1.5.3",
+    "packaging",  # gsplat imports it without declaring it
+]
+DEV_REQUIREMENTS = [
+    "bpy==5.0.1",
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "ruff>=0.6",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[build] {msg}", flush=True)
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def cuda_available() -> bool:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return False
+    try:
+        return subprocess.run([exe], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for every child process: all caches live in the repo's ignored .cache/."""
+    env = dict(os.environ)
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE / "torchinductor"))
+    env.setdefault("TRITON_CACHE_DIR", str(CACHE / "triton"))
+    env.setdefault("XDG_CACHE_HOME", str(CACHE / "xdg"))
+    env.setdefault("BLENDER_USER_RESOURCES", str(CACHE / "blender"))
+    env.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(CACHE / "hypothesis"))
+    env.setdefault("MPLCONFIGDIR", str(CACHE / "matplotlib"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
+    return env
+
+
+def requirements(cuda: bool) -> list[str]:
+    # Without CUDA the exact pin resolves to the CPU wheel this platform provides; with CUDA
+    # any release from the pinned one up is accepted, so the package index's CUDA build is used.
+    torch = f"torch>={TORCH_VERSION}" if cuda else f"torch=={TORCH_VERSION}"
+    return [torch, *RUNTIME_REQUIREMENTS, *DEV_REQUIREMENTS]
+
+
+def setup_fingerprint(reqs: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(reqs).encode())
+    h.update((ROOT / "pyproject.toml").read_bytes())
+    return h.hexdigest()
+
+
+def find_python311() -> str:
+    if sys.version_info[:2] == PYTHON_VERSION:
+        return sys.executable
+    for name in ("python3.11", "python3"):
+        exe = shutil.which(name)
+        if not exe:
+            continue
+        out = subprocess.run(
+            [exe, "-c", "import sys; print(sys.version_info[:2] == (3, 11))"],
+            capture_output=True, text=True,
+        )
+        if out.stdout.strip() == "True":
+            return exe
+    sys.exit("build.py: Python 3.11 is required (bpy 5.0.1 is built for CPython 3.11 only)")
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    cuda = bool(getattr(args, "cuda", False)) or cuda_available()
+    reqs = requirements(cuda)
+    fingerprint = setup_fingerprint(reqs)
+    if STAMP.exists() and venv_python().exists():
+        try:
+            if json.loads(STAMP.read_text()).get("fingerprint") == fingerprint:
+                log(".venv is up to date")
+                return 0
+        except (OSError, ValueError):
+            pass
+    if not venv_python().exists():
+        py = find_python311()
+        log(f"creating .venv with {py}")
+        if py == sys.executable:
+            venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+        else:
+            subprocess.run([py, "-m", "venv", "--clear", str(VENV)], check=True)
+    pip = [str(venv_python()), "-m", "pip", "install", "--disable-pip-version-check"]
+    log(f"installing {' '.join(reqs)} (cuda={cuda})")
+    subprocess.run([*pip, *reqs], check=True, env=tool_env())
+    log("installing the backend package (editable)")
+    subprocess.run([*pip, "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
+                   check=True, env=tool_env())
+    STAMP.write_text(json.dumps({"fingerprint": fingerprint, "requirements": reqs, "cuda": cuda}))
+    log("setup done")
+    return 0
+
+
+def ensure_setup() -> None:
+    rc = cmd_setup(argparse.Namespace(cuda=False))
+    if rc:
+        sys.exit(rc)
+
+
+def run_in_venv(argv: list[str]) -> int:
+    ensure_setup()
+    return subprocess.run([str(venv_python()), *argv], cwd=ROOT, env=tool_env()).returncode
+
+
+def cmd_test(args: argparse.Namespace, extra: list[str]) -> int:
+    argv = ["-m", "pytest", "tests"]
+    if not any(a == "-m" or a.startswith("-m") and len(a) > 2 for a in extra):
+        argv += ["-m", "not slow and not gpu"]
+    return run_in_venv(argv + extra)
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    return run_in_venv(["-m", "backend", "serve", *extra])
+
+
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    return run_in_venv(["-m", "backend.bench", *extra])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="build.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_setup = sub.add_parser("setup", help="create .venv and install everything")
+    p_setup.add_argument("--cuda", action="store_true",
+                         help="install the CUDA build of torch even if nvidia-smi is not found")
+    sub.add_parser("test", help="run the tests (extra args go to pytest)", add_help=False)
+    sub.add_parser("serve", help="run the backend server (extra args go to the server)",
+                   add_help=False)
+    sub.add_parser("bench", help="run a benchmark: bench transfer [--json PATH]", add_help=False)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "setup":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return cmd_setup(args)
+    handler = {"test": cmd_test, "serve": cmd_serve, "bench": cmd_bench}[args.command]
+    return handler(args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
