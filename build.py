@@ -149,7 +149,7 @@ def run_in_venv(argv: list[str]) -> int:
 
 def cmd_test(args: argparse.Namespace, extra: list[str]) -> int:
     argv = ["-m", "pytest", "tests"]
-    if not any(a == "-m" or a.startswith("-m") and len(a) > 2 for a in extra):
+    if not any(a == "-m" or (a.startswith("-m") and len(a) > 2) for a in extra):
         argv += ["-m", "not slow and not gpu"]
     return run_in_venv(argv + extra)
 

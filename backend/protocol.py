@@ -296,7 +296,7 @@ def validate_rig(c2w: np.ndarray, intrinsics: np.ndarray, near_far: np.ndarray |
         raise ProtocolError("bad_camera", f"{prefix}c2w must have shape [..., 4, 4], got "
                             f"{list(c2w.shape)}", prefix + "c2w")
     lead = c2w.shape[:-2]
-    if intr.shape != lead + (6,):
+    if intr.shape != (*lead, 6):
         raise ProtocolError("bad_camera", f"{prefix}intrinsics must have shape "
                             f"{[*lead, 6]}, got {list(intr.shape)}", prefix + "intrinsics")
     _check_finite(c2w, prefix + "c2w")
@@ -315,7 +315,7 @@ def validate_rig(c2w: np.ndarray, intrinsics: np.ndarray, near_far: np.ndarray |
                "needs fx, fy > 0 and a positive integer width and height")
     if near_far is not None:
         nf = np.asarray(near_far, dtype=np.float64)
-        if nf.shape != lead + (2,):
+        if nf.shape != (*lead, 2):
             raise ProtocolError("bad_camera", f"{prefix}near_far must have shape "
                                 f"{[*lead, 2]}, got {list(nf.shape)}", prefix + "near_far")
         _check_finite(nf, prefix + "near_far")

@@ -190,6 +190,6 @@ def test_sequence_packing():
     assert sorted(packed) == ["t0000.means", "t0001.means"]
     unpacked = protocol.unpack_sequence({**packed, "c2w": np.eye(4)})
     assert [u["means"].shape for u in unpacked] == [(2, 3), (3, 3)]
-    with pytest.raises(ProtocolError, match="not 0..1"):
+    with pytest.raises(ProtocolError, match=r"not 0\.\.1"):
         protocol.unpack_sequence({"t0000.a": packed["t0000.means"], "t0002.a": packed[
             "t0001.means"]})
