@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.cameras import orbit_rig
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 90.0
 
@@ -85,18 +87,6 @@ def ring_cameras(num: int, radius: float = 3.0, size: int = 32,
                  focal: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`num` OpenCV cameras on a ring around the origin looking at it (world Z up):
     c2w [C, 4, 4] float32 and intrinsics [C, 6] float32."""
-    focal = focal or size * 1.2
-    c2w = np.zeros((num, 4, 4), np.float32)
-    for i in range(num):
-        angle = 2 * np.pi * i / num
-        eye = np.array([radius * np.cos(angle), radius * np.sin(angle), 0.8])
-        forward = -eye / np.linalg.norm(eye)
-        right = np.cross(forward, [0.0, 0.0, 1.0])
-        right /= np.linalg.norm(right)
-        down = np.cross(forward, right)
-        c2w[i, :3, 0], c2w[i, :3, 1], c2w[i, :3, 2] = right, down, forward
-        c2w[i, :3, 3] = eye
-        c2w[i, 3, 3] = 1.0
-    intr = np.tile(np.array([focal, focal, size / 2, size / 2, size, size], np.float32),
-                   (num, 1))
-    return c2w, intr
+    c2w, intr = orbit_rig(num, radius=radius, camera_height=0.8, focal=focal or size * 1.2,
+                          width=size, height=size)
+    return c2w.astype(np.float32), intr.astype(np.float32)

@@ -184,6 +184,15 @@ def test_blender_opencv_conversion():
     np.testing.assert_allclose(protocol.opencv_to_blender_c2w(cv), blender, atol=1e-12)
 
 
+def test_blender_camera_at_rest_looks_down_world_minus_z():
+    blender = np.eye(4)
+    blender[:3, 3] = [1.0, 2.0, 3.0]
+    cv = protocol.blender_to_opencv_c2w(blender)
+    np.testing.assert_allclose(cv[:3, 2], [0, 0, -1])
+    np.testing.assert_allclose(cv[:3, 1], [0, -1, 0])
+    np.testing.assert_allclose(cv[:3, 3], blender[:3, 3])
+
+
 def test_sequence_packing():
     steps = [{"means": np.zeros((2, 3), np.float32)}, {"means": np.ones((3, 3), np.float32)}]
     packed = protocol.pack_sequence(steps)
