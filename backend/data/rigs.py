@@ -1,0 +1,133 @@
+"""Random camera rigs around the scene, every camera looking at (near) the origin.
+
+A rig is c2w [V, T, 4, 4] (OpenCV convention, float64) and intrinsics [V, T, 6]
+(fx, fy, cx, cy, width, height). Kinds:
+- orbit: a full ring, evenly spaced;
+- arc: evenly spaced over part of a ring;
+- jitter: random azimuth, distance, elevation and focal length per camera;
+- animated: a ring or arc whose cameras travel, dolly, rise and zoom over time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend.cameras import look_at_c2w
+from backend.data.config import RIG_KINDS, DataConfig
+
+
+@dataclass
+class CameraPath:
+    """Per-camera spherical placement over time, each array [V, T]."""
+
+    azimuth: np.ndarray  # radians
+    elevation: np.ndarray  # radians
+    distance: np.ndarray
+    focal: np.ndarray  # pixels
+    target: np.ndarray  # [V, T, 3] point looked at
+
+
+def path_to_rig(path: CameraPath, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cameras on the spherical placement: c2w [V, T, 4, 4], intrinsics [V, T, 6]."""
+    cos_el = np.cos(path.elevation)
+    offset = np.stack([cos_el * np.cos(path.azimuth), cos_el * np.sin(path.azimuth),
+                       np.sin(path.elevation)], axis=-1) * path.distance[..., None]
+    c2w = look_at_c2w(path.target + offset, path.target)
+    intr = np.empty((*path.focal.shape, 6))
+    intr[..., 0] = intr[..., 1] = path.focal
+    intr[..., 2], intr[..., 3] = width / 2, height / 2
+    intr[..., 4], intr[..., 5] = width, height
+    return c2w, intr
+
+
+def _uniform(rng: np.random.Generator, bounds: tuple[float, float], size=None):
+    return rng.uniform(bounds[0], bounds[1], size=size)
+
+
+def _ring_azimuths(rng: np.random.Generator, num_views: int, arc: float) -> np.ndarray:
+    start = rng.uniform(0, 2 * math.pi)
+    full = math.isclose(arc, 2 * math.pi)
+    steps = num_views if full or num_views == 1 else num_views - 1
+    return start + arc * np.arange(num_views) / steps
+
+
+def _arc_span(config: DataConfig, rng: np.random.Generator) -> float:
+    return math.radians(rng.uniform(*config.arc_deg))
+
+
+def _static_path(azimuth: np.ndarray, elevation, distance, focal, target, num_steps: int
+                 ) -> CameraPath:
+    """Cameras held still for all `num_steps` timesteps; per-view values broadcast to [V]."""
+    num_views = len(azimuth)
+
+    def over_time(value) -> np.ndarray:
+        return np.broadcast_to(np.asarray(value, np.float64)[..., None],
+                               (num_views, num_steps)).copy()
+
+    target = np.broadcast_to(np.asarray(target, np.float64), (num_views, 3))
+    return CameraPath(over_time(azimuth), over_time(np.broadcast_to(elevation, num_views)),
+                      over_time(np.broadcast_to(distance, num_views)),
+                      over_time(np.broadcast_to(focal, num_views)),
+                      np.repeat(target[:, None], num_steps, axis=1))
+
+
+def sample_path(kind: str, config: DataConfig, rng: np.random.Generator) -> CameraPath:
+    """A camera placement of the given rig kind with the config's ranges."""
+    v, t = config.num_views, config.num_steps
+    elevation_bounds = tuple(math.radians(e) for e in config.elevation_deg)
+    focal_bounds = tuple(f * config.width for f in config.focal)
+    target = rng.normal(size=3) * config.target_jitter / math.sqrt(3)
+    if kind in ("orbit", "arc"):
+        arc = 2 * math.pi if kind == "orbit" else _arc_span(config, rng)
+        return _static_path(_ring_azimuths(rng, v, arc), _uniform(rng, elevation_bounds),
+                            _uniform(rng, config.camera_distance), _uniform(rng, focal_bounds),
+                            target, t)
+    if kind == "jitter":
+        azimuth = np.sort(rng.uniform(0, 2 * math.pi, size=v))
+        targets = target + rng.normal(size=(v, 3)) * config.target_jitter / math.sqrt(3)
+        return _static_path(azimuth, _uniform(rng, elevation_bounds, v),
+                            _uniform(rng, config.camera_distance, v),
+                            _uniform(rng, focal_bounds, v), targets, t)
+    if kind == "animated":
+        return _animated_path(config, rng, elevation_bounds, focal_bounds, target)
+    raise ValueError(f"rig kind: expected one of {RIG_KINDS}, got {kind!r}")
+
+
+def _animated_path(config: DataConfig, rng: np.random.Generator,
+                   elevation_bounds: tuple[float, float], focal_bounds: tuple[float, float],
+                   target: np.ndarray) -> CameraPath:
+    """A ring or arc travelling around the scene while dollying, rising and zooming."""
+    v, t = config.num_views, config.num_steps
+    tau = np.linspace(0.0, 1.0, t) if t > 1 else np.zeros(1)  # [T]
+    arc = 2 * math.pi if rng.uniform() < 0.5 else _arc_span(config, rng)
+    azimuth = _ring_azimuths(rng, v, arc)[:, None] + rng.uniform(-1, 1) * math.pi / 3 * tau
+    el_low, el_high = elevation_bounds
+    el_start, el_end = rng.uniform(el_low, el_high, size=2)
+    elevation = np.broadcast_to(el_start + (el_end - el_start) * tau, (v, t))
+    d_low, d_high = config.camera_distance
+    d_start, d_end = rng.uniform(d_low, d_high, size=2)
+    distance = np.broadcast_to(d_start + (d_end - d_start) * tau, (v, t))
+    f_start, f_end = rng.uniform(*focal_bounds, size=2)
+    focal = np.broadcast_to(f_start + (f_end - f_start) * tau, (v, t))
+    drift = rng.normal(size=3) * config.target_jitter / math.sqrt(3)
+    targets = target + drift * (tau[:, None] - 0.5)  # [T, 3]
+    return CameraPath(azimuth.copy(), elevation.copy(), distance.copy(), focal.copy(),
+                      np.broadcast_to(targets, (v, t, 3)).copy())
+
+
+def choose_rig_kind(config: DataConfig, rng: np.random.Generator) -> str:
+    kinds = [k for k in RIG_KINDS if config.rig_weights.get(k, 0) > 0]
+    weights = np.array([config.rig_weights[k] for k in kinds], np.float64)
+    return kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+
+
+def sample_rig(config: DataConfig, rng: np.random.Generator, kind: str | None = None
+               ) -> tuple[str, np.ndarray, np.ndarray]:
+    """(kind, c2w [V, T, 4, 4], intrinsics [V, T, 6]); the kind is drawn when not given."""
+    kind = choose_rig_kind(config, rng) if kind is None else kind
+    path = sample_path(kind, config, rng)
+    c2w, intr = path_to_rig(path, config.width, config.height)
+    return kind, c2w, intr
