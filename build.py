@@ -5,6 +5,7 @@
     python3 build.py test [ARGS...]   set up if needed, then run pytest (not slow, not gpu)
     python3 build.py serve [ARGS...]  run the backend server (see `serve --help`)
     python3 build.py bench NAME ...   run a benchmark (`bench --help` lists them)
+    python3 build.py addon            build the Blender extension zip dist/fourreal_4d-<version>.zip
 
 Standard library only: it runs on a bare Python 3.11 and sets up everything else itself.
 """
@@ -15,10 +16,12 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -162,6 +165,119 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     return run_in_venv(["-m", "backend.bench", *extra])
 
 
+# ----------------------------------------------------------------------------- addon
+
+ADDON_SOURCE = ROOT / "blender_addon"
+ADDON_VENDORED = ("protocol.py", "client.py", "gaussians.py")  # copied from backend/
+ADDON_PYZMQ = "27.3.0"
+# (Python version, pip platform tag) per bundled wheel: Blender 4.2-5.0 embed Python 3.11,
+# Blender 5.1+ Python 3.13; macOS wheels are universal2 (arm64 and x86_64 in one file).
+ADDON_WHEEL_TARGETS = [
+    (python, platform)
+    for python in ("3.11", "3.13")
+    for platform in ("manylinux_2_28_x86_64", "win_amd64", "macosx_11_0_arm64",
+                     "macosx_10_15_x86_64")
+]
+ADDON_EXCLUDE_DIRS = {"__pycache__", "tests", ".pytest_cache", ".ruff_cache", ".cache", "wheels"}
+ADDON_EXCLUDE_SUFFIXES = (".pyc", ".pyo", ".blend1")
+
+
+def sync_addon_vendor() -> list[str]:
+    """Copy the backend's protocol/client/gaussians modules into the add-on's vendor folder
+    where they differ; returns the names that changed."""
+    changed = []
+    for name in ADDON_VENDORED:
+        source, target = ROOT / "backend" / name, ADDON_SOURCE / "vendor" / name
+        if not target.exists() or target.read_bytes() != source.read_bytes():
+            shutil.copyfile(source, target)
+            changed.append(name)
+    return changed
+
+
+def manifest_field(text: str, key: str) -> str:
+    match = re.search(rf'^{key}\s*=\s*"([^"]*)"', text, re.MULTILINE)
+    if not match:
+        sys.exit(f"build.py addon: blender_manifest.toml has no {key}")
+    return match.group(1)
+
+
+def pip_command() -> list[str]:
+    for python in (sys.executable, str(venv_python())):
+        if Path(python).exists() and subprocess.run(
+                [python, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+            return [python, "-m", "pip"]
+    sys.exit("build.py addon: pip is needed to download the pyzmq wheels")
+
+
+def download_addon_wheels(folder: Path, version: str) -> list[Path]:
+    """pyzmq wheels for every (Python, platform) target, downloaded once into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wheels: list[Path] = []
+    for python, platform in ADDON_WHEEL_TARGETS:
+        cmd = [*pip_command(), "download", "--disable-pip-version-check", "--only-binary=:all:",
+               "--no-deps", "--python-version", python, "--platform", platform,
+               f"pyzmq=={version}", "-d", str(folder)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=tool_env())
+        if out.returncode != 0:
+            sys.exit(f"build.py addon: no pyzmq {version} wheel for Python {python} on "
+                     f"{platform}:\n{out.stderr.strip()}")
+        found = re.findall(r"(pyzmq-[^\s/\\]+\.whl)", out.stdout)
+        if not found:
+            sys.exit(f"build.py addon: could not tell which wheel pip chose:\n{out.stdout}")
+        wheel = folder / found[-1]
+        if wheel not in wheels:
+            wheels.append(wheel)
+        log(f"pyzmq for Python {python} on {platform}: {wheel.name}")
+    return sorted(wheels)
+
+
+def addon_files() -> list[Path]:
+    """The add-on's files to package (relative paths), without caches and tests."""
+    files = []
+    for path in sorted(ADDON_SOURCE.rglob("*")):
+        rel = path.relative_to(ADDON_SOURCE)
+        if path.is_dir() or ADDON_EXCLUDE_DIRS & set(rel.parts[:-1]):
+            continue
+        if path.suffix in ADDON_EXCLUDE_SUFFIXES or rel.name.startswith(("test_", ".")):
+            continue
+        files.append(rel)
+    return files
+
+
+def manifest_with_wheels(text: str, wheels: list[Path]) -> str:
+    listing = "".join(f'  "./wheels/{w.name}",\n' for w in wheels)
+    block = f"wheels = [\n{listing}]" if wheels else "wheels = []"
+    new, count = re.subn(r"^wheels\s*=\s*\[[^\]]*\]", block, text, flags=re.MULTILINE)
+    if count != 1:
+        sys.exit("build.py addon: blender_manifest.toml needs exactly one `wheels = [...]`")
+    return new
+
+
+def cmd_addon(args: argparse.Namespace, extra: list[str]) -> int:
+    """Build dist/<id>-<version>.zip: the add-on, its vendored backend modules and pyzmq
+    wheels for Linux, Windows and macOS."""
+    changed = sync_addon_vendor()
+    if changed:
+        log(f"updated vendored copies from backend/: {', '.join(changed)}")
+    manifest = (ADDON_SOURCE / "blender_manifest.toml").read_text()
+    addon_id, version = manifest_field(manifest, "id"), manifest_field(manifest, "version")
+    wheels = [] if args.no_wheels else download_addon_wheels(
+        Path(args.wheel_cache), args.pyzmq)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    target = output / f"{addon_id}-{version}.zip"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
+        for rel in addon_files():
+            if rel.as_posix() == "blender_manifest.toml":
+                archive.writestr(rel.as_posix(), manifest_with_wheels(manifest, wheels))
+            else:
+                archive.write(ADDON_SOURCE / rel, rel.as_posix())
+        for wheel in wheels:
+            archive.write(wheel, f"wheels/{wheel.name}")
+    log(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {len(wheels)} wheels)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="build.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,7 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run the backend server (extra args go to the server)",
                    add_help=False)
     sub.add_parser("bench", help="run a benchmark: bench transfer [--json PATH]", add_help=False)
+    p_addon = sub.add_parser("addon", help="build the Blender extension zip into dist/")
+    p_addon.add_argument("--output", default=str(ROOT / "dist"), help="folder for the zip")
+    p_addon.add_argument("--pyzmq", default=ADDON_PYZMQ, help="pyzmq version to bundle")
+    p_addon.add_argument("--wheel-cache", default=str(CACHE / "addon-wheels"),
+                         help="where downloaded wheels are kept between builds")
+    p_addon.add_argument("--no-wheels", action="store_true",
+                         help="bundle no wheels (for a Blender that already has pyzmq)")
     args, extra = parser.parse_known_args(argv)
+    if args.command == "addon":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return cmd_addon(args, extra)
     if args.command == "setup":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

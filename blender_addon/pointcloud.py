@@ -1,0 +1,269 @@
+"""Per-timestep Gaussians as one animated point-cloud asset, and back.
+
+Layout: an asset is a collection holding a root empty and one mesh object per timestep,
+parented to the root. Each mesh stores its Gaussians as vertices with the raw 3DGS
+parameters as point attributes (see `nodes`), written in bulk with `foreach_set`. Every
+timestep object carries constant-interpolated keys on `hide_viewport` and `hide_render`, so
+exactly the object of the timestep that holds the scene frame is shown: playback and renders
+(Cycles, EEVEE, on a farm without this add-on) need no handler. All timestep objects share the
+asset's Geometry Nodes group, whose 'Settings' node holds the display mode, the viewport
+display ratio and the splat size.
+
+This layout was measured against one mesh holding every timestep whose Geometry Nodes pick
+the timestep from the scene frame (100k Gaussians per timestep, 2 CPU cores, selection only):
+it uses less memory (16 timesteps: +92 vs +111 MiB; 48: +276 vs +311 MiB), changes frames
+in 1-2 ms instead of 8 ms (16) and 15 ms (48), since the single mesh filters all T x N
+points on every frame change, and takes timesteps of different sizes and irregular frame
+numbers as they come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import bpy
+import numpy as np
+
+from . import animation, nodes
+from .vendor.gaussians import Gaussians, GaussianSequence
+
+ASSET_TAG = "fourreal_asset"
+FRAME_PROP = "fourreal_frame"
+SOURCE_OFFSET_PROP = "fourreal_source_offset"
+
+
+@dataclass
+class PointCloudConfig:
+    """How an imported asset is displayed; all of it can be changed afterwards."""
+
+    viewport_display: str = "POINTS"  # POINTS | SPLATS
+    render_display: str = "SPLATS"
+    viewport_ratio: float = 1.0  # fraction of Gaussians drawn in the viewport
+    sigma_extent: float = 3.0  # splat radius in standard deviations
+    splat_subdivisions: int = 1  # ico-sphere subdivisions per splat
+    transparent_bounces: int = 64  # Cycles' transparent bounce limit is raised to this
+
+    def check(self) -> None:
+        for name in ("viewport_display", "render_display"):
+            if getattr(self, name) not in nodes.DISPLAY_MODES:
+                raise ValueError(f"{name} must be one of {nodes.DISPLAY_MODES}, "
+                                 f"got {getattr(self, name)!r}")
+        if not 0.0 < self.viewport_ratio <= 1.0:
+            raise ValueError(f"viewport_ratio must be in (0, 1], got {self.viewport_ratio}")
+        if self.sigma_extent <= 0:
+            raise ValueError(f"sigma_extent must be positive, got {self.sigma_extent}")
+        if not 1 <= self.splat_subdivisions <= 4:
+            raise ValueError("splat_subdivisions must be 1..4, got "
+                             f"{self.splat_subdivisions}")
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _add_attribute(mesh: bpy.types.Mesh, name: str, kind: str, values: np.ndarray) -> None:
+    attribute = mesh.attributes.new(name, kind, "POINT")
+    key = "vector" if kind == "FLOAT_VECTOR" else "value"
+    attribute.data.foreach_set(key, np.ascontiguousarray(values, np.float32).ravel())
+
+
+def gaussians_mesh(name: str, gaussians: Gaussians) -> bpy.types.Mesh:
+    """A mesh of loose vertices at the means, with the raw parameters as attributes."""
+    mesh = bpy.data.meshes.new(name)
+    mesh.vertices.add(len(gaussians))
+    mesh.vertices.foreach_set("co", gaussians.means.ravel())
+    _add_attribute(mesh, nodes.ATTR_ROTATION, "QUATERNION", gaussians.quats)
+    _add_attribute(mesh, nodes.ATTR_LOG_SCALE, "FLOAT_VECTOR", gaussians.log_scales)
+    _add_attribute(mesh, nodes.ATTR_OPACITY_LOGIT, "FLOAT", gaussians.opacity_logits)
+    _add_attribute(mesh, nodes.ATTR_SH0, "FLOAT_VECTOR", gaussians.sh0)
+    if gaussians.sh_rest is not None:
+        for k in range(gaussians.sh_rest.shape[1]):
+            _add_attribute(mesh, f"gs_sh_rest_{k + 1:02d}", "FLOAT_VECTOR",
+                           gaussians.sh_rest[:, k])
+    return mesh
+
+
+def visibility_keys(frames: Sequence[int], index: int) -> tuple[list[int], list[float]]:
+    """Keys of `hide_*` for timestep `index`: shown from its frame until the next timestep's
+    frame; the first timestep also before, the last also after the sequence."""
+    keys = {frames[index]: 0.0}
+    if index > 0:
+        keys[frames[index - 1]] = 1.0
+    if index + 1 < len(frames):
+        keys[frames[index + 1]] = 1.0
+    ordered = sorted(keys)
+    return ordered, [keys[f] for f in ordered]
+
+
+def apply_settings(asset: bpy.types.Object, config: PointCloudConfig) -> None:
+    """Write display settings into the asset's group (every timestep follows)."""
+    config.check()
+    settings = asset_group_of(asset).nodes["Settings"]
+    settings.inputs["Viewport Splats"].default_value = config.viewport_display == "SPLATS"
+    settings.inputs["Render Splats"].default_value = config.render_display == "SPLATS"
+    settings.inputs["Viewport Ratio"].default_value = config.viewport_ratio
+    settings.inputs["Sigma Extent"].default_value = config.sigma_extent
+    settings.inputs["Splat Subdivisions"].default_value = config.splat_subdivisions
+
+
+def read_settings(asset: bpy.types.Object) -> PointCloudConfig:
+    settings = asset_group_of(asset).nodes["Settings"]
+    return PointCloudConfig(
+        viewport_display="SPLATS" if settings.inputs["Viewport Splats"].default_value
+        else "POINTS",
+        render_display="SPLATS" if settings.inputs["Render Splats"].default_value
+        else "POINTS",
+        viewport_ratio=float(settings.inputs["Viewport Ratio"].default_value),
+        sigma_extent=float(settings.inputs["Sigma Extent"].default_value),
+        splat_subdivisions=int(settings.inputs["Splat Subdivisions"].default_value))
+
+
+def build_asset(scene: bpy.types.Scene, name: str, steps: Sequence[Gaussians],
+                frames: Sequence[int], config: PointCloudConfig | None = None,
+                source_offset: int = 0) -> bpy.types.Object:
+    """Import Gaussians per timestep as an animated asset; timestep t shows from scene frame
+    `frames[t]` on. `source_offset` (scene frame - source frame number) is kept for export.
+    Returns the asset's root empty."""
+    config = config or PointCloudConfig()
+    config.check()
+    frames = [int(f) for f in frames]
+    if not steps or len(steps) != len(frames):
+        raise ValueError(f"need one frame per timestep, got {len(steps)} timesteps and "
+                         f"{len(frames)} frames")
+    if sorted(set(frames)) != frames:
+        raise ValueError(f"frames must be strictly increasing, got {frames}")
+    collection = bpy.data.collections.new(name)
+    scene.collection.children.link(collection)
+    root = bpy.data.objects.new(name, None)
+    root.empty_display_type = "PLAIN_AXES"
+    root[ASSET_TAG] = 1
+    root[SOURCE_OFFSET_PROP] = int(source_offset)
+    collection.objects.link(root)
+    group = nodes.asset_group(f"{root.name} Display")
+    root["fourreal_group"] = group
+    for t, (gaussians, frame) in enumerate(zip(steps, frames)):
+        label = f"{root.name} t{t:04d}"
+        obj = bpy.data.objects.new(label, gaussians_mesh(label, gaussians))
+        obj[FRAME_PROP] = frame
+        obj.parent = root
+        collection.objects.link(obj)
+        obj.modifiers.new("Gaussians", "NODES").node_group = group
+        if len(frames) > 1:
+            key_frames, hidden = visibility_keys(frames, t)
+            for path in ("hide_viewport", "hide_render"):
+                animation.set_keys(obj, path, key_frames, hidden, "CONSTANT",
+                                   action_name=f"{label} Visibility")
+    apply_settings(root, config)
+    scene.cycles.transparent_max_bounces = max(scene.cycles.transparent_max_bounces,
+                                               config.transparent_bounces)
+    return root
+
+
+def build_asset_from_arrays(scene: bpy.types.Scene, name: str,
+                            steps: Sequence[dict[str, np.ndarray]], frames: Sequence[int],
+                            config: PointCloudConfig | None = None) -> bpy.types.Object:
+    """`build_asset` from wire arrays per timestep (means, quats, log_scales, ...)."""
+    return build_asset(scene, name, [Gaussians.from_arrays(dict(a)) for a in steps], frames,
+                       config)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def is_asset(obj: bpy.types.Object | None) -> bool:
+    return obj is not None and obj.type == "EMPTY" and bool(obj.get(ASSET_TAG))
+
+
+def asset_of(obj: bpy.types.Object | None) -> bpy.types.Object | None:
+    """The asset root of `obj` (the root itself or one of its timestep objects)."""
+    while obj is not None and not is_asset(obj):
+        obj = obj.parent
+    return obj
+
+
+def asset_group_of(asset: bpy.types.Object) -> bpy.types.GeometryNodeTree:
+    group = asset.get("fourreal_group")
+    if group is None:
+        raise ValueError(f"{asset.name!r} is not an imported Gaussian asset")
+    return group
+
+
+def timestep_objects(asset: bpy.types.Object) -> list[bpy.types.Object]:
+    """The asset's timestep objects in frame order."""
+    children = [c for c in asset.children if FRAME_PROP in c]
+    return sorted(children, key=lambda c: int(c[FRAME_PROP]))
+
+
+def _read_attribute(mesh: bpy.types.Mesh, name: str, width: int) -> np.ndarray:
+    attribute = mesh.attributes.get(name)
+    if attribute is None:
+        raise ValueError(f"mesh {mesh.name!r} has no attribute {name!r}")
+    out = np.empty(len(mesh.vertices) * width, np.float32)
+    attribute.data.foreach_get("vector" if attribute.data_type == "FLOAT_VECTOR" else "value",
+                               out)
+    return out.reshape(-1, width) if width > 1 else out
+
+
+def mesh_gaussians(mesh: bpy.types.Mesh) -> Gaussians:
+    """The Gaussians stored in a timestep mesh (exact: the raw parameters are kept)."""
+    n = len(mesh.vertices)
+    means = np.empty(n * 3, np.float32)
+    mesh.vertices.foreach_get("co", means)
+    rest = sorted(a.name for a in mesh.attributes if a.name.startswith("gs_sh_rest_"))
+    sh_rest = (np.stack([_read_attribute(mesh, r, 3) for r in rest], axis=1) if rest
+               else None)
+    return Gaussians(means=means.reshape(n, 3),
+                     quats=_read_attribute(mesh, nodes.ATTR_ROTATION, 4),
+                     log_scales=_read_attribute(mesh, nodes.ATTR_LOG_SCALE, 3),
+                     opacity_logits=_read_attribute(mesh, nodes.ATTR_OPACITY_LOGIT, 1),
+                     sh0=_read_attribute(mesh, nodes.ATTR_SH0, 3), sh_rest=sh_rest)
+
+
+def asset_sequence(asset: bpy.types.Object, world_space: bool = True) -> GaussianSequence:
+    """The asset's Gaussians per timestep, numbered by source frame (scene frame minus the
+    offset kept at import). With `world_space`, an asset that was moved has its means,
+    rotations and scales transformed by its timestep objects' world matrices."""
+    objects = timestep_objects(asset)
+    if not objects:
+        raise ValueError(f"asset {asset.name!r} has no timestep objects")
+    offset = int(asset.get(SOURCE_OFFSET_PROP, 0))
+    steps = []
+    for obj in objects:
+        gaussians = mesh_gaussians(obj.data)
+        if world_space:
+            gaussians = transformed(gaussians, np.array(obj.matrix_world))
+        steps.append(gaussians)
+    return GaussianSequence(steps, [int(o[FRAME_PROP]) - offset for o in objects])
+
+
+def transformed(gaussians: Gaussians, matrix: np.ndarray) -> Gaussians:
+    """Gaussians under a similarity transform [4, 4] (rotation, uniform scale, translation).
+    The identity returns the input unchanged, bit for bit. Higher SH bands are kept as they
+    are (not rotated)."""
+    if np.allclose(matrix, np.eye(4), atol=0, rtol=0):
+        return gaussians
+    linear = matrix[:3, :3]
+    scale = np.cbrt(np.linalg.det(linear))
+    rotation = linear / scale
+    if scale <= 0 or np.abs(rotation.T @ rotation - np.eye(3)).max() > 1e-4:
+        raise ValueError("only rotation, uniform scale and translation can be applied to "
+                         "Gaussians; apply non-uniform scale in the 3D viewport first")
+    means = gaussians.means @ linear.T + matrix[:3, 3]
+    quats = _quat_multiply(_matrix_to_quat(rotation), gaussians.quats)
+    return Gaussians(means=means, quats=quats, log_scales=gaussians.log_scales + np.log(scale),
+                     opacity_logits=gaussians.opacity_logits, sh0=gaussians.sh0,
+                     sh_rest=gaussians.sh_rest)
+
+
+def _matrix_to_quat(rot: np.ndarray) -> np.ndarray:
+    from mathutils import Matrix
+
+    q = Matrix(rot.tolist()).to_quaternion()
+    return np.array([q.w, q.x, q.y, q.z])
+
+
+def _quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product of one quaternion `a` [4] with quaternions `b` [N, 4] (wxyz)."""
+    w1, x1, y1, z1 = a
+    w2, x2, y2, z2 = b.T
+    return np.stack([w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2, w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+                     w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2],
+                    axis=1).astype(np.float32)
