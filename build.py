@@ -94,20 +94,29 @@ def setup_fingerprint(reqs: list[str]) -> str:
     return h.hexdigest()
 
 
-def find_python311() -> str:
-    if sys.version_info[:2] == PYTHON_VERSION:
+def find_python(version: str) -> str | None:
+    """A working interpreter for `version` ("3.11"): this one, one on PATH, or pyenv's."""
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" == version:
         return sys.executable
-    for name in ("python3.11", "python3"):
-        exe = shutil.which(name)
-        if not exe:
+    candidates = [shutil.which(f"python{version}"), shutil.which("python3")]
+    candidates += sorted(str(p) for p in Path.home().glob(f".pyenv/versions/{version}*/bin/"
+                                                          f"python{version}"))
+    for exe in filter(None, candidates):
+        try:
+            out = subprocess.run([exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
             continue
-        out = subprocess.run(
-            [exe, "-c", "import sys; print(sys.version_info[:2] == (3, 11))"],
-            capture_output=True, text=True,
-        )
-        if out.stdout.strip() == "True":
+        if out.returncode == 0 and out.stdout.strip() == version:
             return exe
-    sys.exit("build.py: Python 3.11 is required (bpy 5.0.1 is built for CPython 3.11 only)")
+    return None
+
+
+def find_python311() -> str:
+    exe = find_python(".".join(map(str, PYTHON_VERSION)))
+    if exe is None:
+        sys.exit("build.py: Python 3.11 is required (bpy 5.0.1 is built for CPython 3.11 only)")
+    return exe
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
@@ -150,11 +159,70 @@ def run_in_venv(argv: list[str]) -> int:
     return subprocess.run([str(venv_python()), *argv], cwd=ROOT, env=tool_env()).returncode
 
 
+# Other Blender lines the add-on supports, each tested in its own virtual environment:
+# {line: (python version, bpy requirement)}. 5.0 is the main .venv.
+BLENDER_LINES = {"4.2": ("3.11", "bpy==4.2.*"), "5.2": ("3.13", "bpy==5.2.*")}
+ADDON_TEST_GLOB = "tests/test_addon_*.py"
+
+
+def pop_blender_option(extra: list[str]) -> tuple[list[str], list[str]]:
+    """Take `--blender all|4.2|5.0|5.2[,..]` out of the pytest arguments."""
+    lines, rest, i = [], [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if arg == "--blender" or arg.startswith("--blender="):
+            value = arg.split("=", 1)[1] if "=" in arg else extra[i + 1]
+            i += 1 if "=" in arg else 2
+            for line in value.split(","):
+                lines += ["5.0", *BLENDER_LINES] if line == "all" else [line]
+            continue
+        rest.append(arg)
+        i += 1
+    unknown = sorted(set(lines) - {"5.0", *BLENDER_LINES})
+    if unknown:
+        sys.exit(f"build.py: unknown Blender line(s) {unknown}; choose from 5.0, "
+                 f"{', '.join(BLENDER_LINES)} or all")
+    return list(dict.fromkeys(lines)), rest
+
+
+def blender_line_venv(line: str) -> Path:
+    """Create (once) .venvs/bpyXY with that line's bpy, pyzmq and pytest; return its python."""
+    py_version, bpy_req = BLENDER_LINES[line]
+    folder = ROOT / ".venvs" / f"bpy{line.replace('.', '')}"
+    python = folder / "bin" / "python"
+    stamp = folder / ".setup-stamp"
+    reqs = [bpy_req, "pyzmq>=25", "pytest>=8", "hypothesis>=6.100"]
+    if python.exists() and stamp.exists() and stamp.read_text() == json.dumps(reqs):
+        return python
+    interpreter = find_python(py_version)
+    if interpreter is None:
+        sys.exit(f"build.py: Blender {line} needs Python {py_version}, which was not found "
+                 "(on PATH or under ~/.pyenv/versions)")
+    log(f"creating {folder.relative_to(ROOT)} for Blender {line} with {interpreter}")
+    subprocess.run([interpreter, "-m", "venv", "--clear", str(folder)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", *reqs],
+                   check=True, env=tool_env())
+    stamp.write_text(json.dumps(reqs))
+    return python
+
+
 def cmd_test(args: argparse.Namespace, extra: list[str]) -> int:
-    argv = ["-m", "pytest", "tests"]
+    lines, extra = pop_blender_option(extra)
+    argv = ["-m", "pytest"]  # paths default to pyproject testpaths
     if not any(a == "-m" or (a.startswith("-m") and len(a) > 2) for a in extra):
         argv += ["-m", "not slow and not gpu"]
-    return run_in_venv(argv + extra)
+    rc = run_in_venv(argv + extra)
+    for line in lines:
+        if line == "5.0":
+            continue  # the default run above
+        python = blender_line_venv(line)
+        log(f"add-on tests against Blender {line} ({python})")
+        tests = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(ADDON_TEST_GLOB))
+        result = subprocess.run([str(python), "-m", "pytest", *tests, "-m",
+                                 "not slow and not gpu", "-p", "no:cacheprovider"],
+                                cwd=ROOT, env=tool_env())
+        rc = rc or result.returncode
+    return rc
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
@@ -285,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p_setup = sub.add_parser("setup", help="create .venv and install everything")
     p_setup.add_argument("--cuda", action="store_true",
                          help="install the CUDA build of torch even if nvidia-smi is not found")
-    sub.add_parser("test", help="run the tests (extra args go to pytest)", add_help=False)
+    sub.add_parser("test", help="run the tests (extra args go to pytest; --blender all also "
+                   "runs the add-on tests against Blender 4.2 and 5.2)", add_help=False)
     sub.add_parser("serve", help="run the backend server (extra args go to the server)",
                    add_help=False)
     sub.add_parser("bench", help="run a benchmark: bench transfer [--json PATH]", add_help=False)
