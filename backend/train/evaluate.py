@@ -1,0 +1,313 @@
+"""Evaluation on a fixed, seeded held-out set: PSNR and SSIM against ground truth.
+
+Diffusion, in the paper's two settings, each against its own trivial baseline:
+
+- "row_and_column": row 0 (view 0 at every timestep) and column 0 (every view at timestep 0)
+  are given; the baseline copies each view's timestep-0 frame to its later timesteps.
+- "row_only": row 0 is given; the baseline copies the input view's frame at each timestep
+  to the other views.
+
+Scores are over the generated cells only, as the mean of per-frame PSNR / SSIM (PSNR is
+capped at 120 dB for identical frames). Reconstruction: the model sees `num_views` views of
+a sample with the rig, its Gaussians are rendered at `recon_held_out_views` further views,
+and the renders are scored against them. Held-out samples are generator indices from
+`HELD_OUT_START` on, far beyond any training stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from backend.data import DataConfig, Sample, make_sample
+from backend.diffusion.config import DiffusionConfig
+from backend.diffusion.model import SelfAttention, VideoDiT
+from backend.diffusion.sampler import EulerSampler
+from backend.recon import ReconConfig, ReconModel, render_gaussian_batch, ssim
+from backend.train.common import pick_device
+from backend.train.diffusion import grid_rays
+from backend.weights import load_pretrained
+
+HELD_OUT_START = 1_000_000_000
+SETTINGS = ("row_and_column", "row_only")
+PSNR_CAP_MSE = 1e-12  # mean squared error floor: 120 dB
+METRIC_KEYS = ("psnr_generated", "psnr_copy_baseline", "ssim_generated", "ssim_copy_baseline")
+
+
+@dataclass
+class EvalConfig:
+    """The held-out set, the sampler and where the report goes.
+
+    Frame size comes from the model's `image_size`; `data_overrides` sets any other
+    `DataConfig` field of the held-out generator (its seed, rigs, ...). `attention_impl`
+    None keeps the model's own on CUDA and uses "decomposed" on the CPU, where the compiled
+    FlexAttention kernel would first spend a minute or more compiling.
+    """
+
+    num_samples: int = 8
+    held_out_start: int = HELD_OUT_START
+    held_out_kind: str = "dynamic"
+    num_views: int = 4
+    num_steps: int = 8
+    recon_held_out_views: int = 2
+    data_overrides: dict[str, Any] = field(default_factory=dict)
+    sampler_steps: int = 16
+    guidance: float = 1.0
+    shift: float = 1.0
+    batch_size: int = 4
+    seed: int = 0
+    grid_samples: int = 2
+    attention_impl: str | None = None
+    device: str = "auto"
+    output_dir: str = "out/eval"
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "num_views", "num_steps", "recon_held_out_views",
+                     "sampler_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_views < 2 or self.num_steps < 2:
+            raise ValueError("EvalConfig: the diffusion settings need >= 2 views and timesteps")
+        if self.held_out_kind not in ("dynamic", "static", "homography"):
+            raise ValueError(f"EvalConfig.held_out_kind: expected dynamic, static or "
+                             f"homography, got {self.held_out_kind!r}")
+        if self.held_out_start < 0 or self.grid_samples < 1:
+            raise ValueError("EvalConfig: held_out_start must be >= 0 and grid_samples >= 1")
+
+    def data_config(self, image_size: tuple[int, int], num_views: int) -> DataConfig:
+        height, width = image_size
+        return DataConfig(**{"num_views": num_views, "num_steps": self.num_steps,
+                             "height": height, "width": width, **self.data_overrides})
+
+
+def held_out_samples(data: DataConfig, config: EvalConfig) -> list[Sample]:
+    """The fixed held-out set: generator samples `held_out_start + i` of the chosen kind."""
+    return [make_sample(data, config.held_out_start + i, kind=config.held_out_kind)
+            for i in range(config.num_samples)]
+
+
+def setting_mask(setting: str, num_views: int, num_steps: int) -> Tensor:  # [V, T] bool
+    """Given cells of a diffusion setting (True = given)."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting: expected one of {SETTINGS}, got {setting!r}")
+    mask = torch.zeros(num_views, num_steps, dtype=torch.bool)
+    mask[0, :] = True
+    if setting == "row_and_column":
+        mask[:, 0] = True
+    return mask
+
+
+def copy_baseline(
+    frames: Tensor,  # [B, V, T, 3, H, W]
+    setting: str,
+) -> Tensor:  # [B, V, T, 3, H, W]
+    """The trivial prediction of a setting (see the module docstring)."""
+    if setting == "row_and_column":
+        return frames[:, :, :1].expand_as(frames)
+    if setting == "row_only":
+        return frames[:, :1].expand_as(frames)
+    raise ValueError(f"setting: expected one of {SETTINGS}, got {setting!r}")
+
+
+def frame_psnr(
+    x: Tensor,  # [..., C, H, W] in [0, 1]
+    y: Tensor,  # [..., C, H, W]
+) -> Tensor:  # [...]
+    """PSNR of each frame pair in dB, capped at 120 dB."""
+    mse = (x.float() - y.float()).square().mean(dim=(-3, -2, -1))
+    return 10 * torch.log10(1.0 / mse.clamp(min=PSNR_CAP_MSE))
+
+
+def scored_cells(
+    prediction: Tensor,  # [B, V, T, 3, H, W]
+    truth: Tensor,  # [B, V, T, 3, H, W]
+    cells: Tensor,  # [V, T] bool, the cells to score
+) -> tuple[Tensor, Tensor]:  # PSNR, SSIM of each scored cell: [B * cells]
+    pred, true = prediction[:, cells], truth[:, cells]  # [B, K, 3, H, W]
+    return frame_psnr(pred, true).reshape(-1), ssim(pred.float(), true.float()).reshape(-1)
+
+
+def load_model(kind: str, weights: str | Path, device: torch.device,
+               attention_impl: str | None = None) -> tuple[nn.Module, Any]:
+    """A trained model from a save_pretrained folder; `attention_impl` overrides the
+    diffusion model's attention implementation."""
+    if kind == "diffusion":
+        model, config = load_pretrained(weights, VideoDiT, DiffusionConfig, device)
+        if attention_impl is not None:
+            config = replace(config, attention_impl=attention_impl)
+            model.config = config
+            for module in model.modules():
+                if isinstance(module, SelfAttention):
+                    module.impl = attention_impl
+        return model, config
+    if kind == "recon":
+        return load_pretrained(weights, ReconModel, ReconConfig, device)
+    raise ValueError(f"model kind: expected 'diffusion' or 'recon', got {kind!r}")
+
+
+def _stack(samples: list[Sample], name: str) -> Tensor:
+    return torch.stack([getattr(s, name) for s in samples])
+
+
+def generate_setting(model: VideoDiT, samples: list[Sample], setting: str,
+                     config: EvalConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Generated grids [B, V, T, 3, H, W] in [0, 1] and the setting's mask [V, T]."""
+    V, T = samples[0].num_views, samples[0].num_steps
+    mask = setting_mask(setting, V, T)
+    sampler = EulerSampler(steps=config.sampler_steps, guidance=config.guidance,
+                           shift=config.shift)
+    outputs = []
+    for first in range(0, len(samples), config.batch_size):
+        chunk = samples[first:first + config.batch_size]
+        frames = _stack(chunk, "frames").to(device)  # [b, V, T, 3, H, W]
+        H, W = frames.shape[-2:]
+        rays = None
+        if model.config.use_camera_rays:
+            valid = torch.tensor([s.geometry_valid for s in chunk], device=device)
+            rays = grid_rays(_stack(chunk, "c2w").to(device),
+                             _stack(chunk, "intrinsics").to(device), valid, H, W)
+        generator = torch.Generator(device=device)
+        seed = np.random.SeedSequence([config.seed, SETTINGS.index(setting), first])
+        generator.manual_seed(int(seed.generate_state(1)[0]))
+        cell_mask = mask.to(device).expand(len(chunk), V, T)
+        grid = sampler.sample(model, frames * 2 - 1, cell_mask, rays=rays, generator=generator)
+        outputs.append(((grid + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(outputs), mask
+
+
+def evaluate_diffusion(model: VideoDiT, samples: list[Sample], config: EvalConfig,
+                       device: torch.device) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Scores of both settings and their image grids (ground truth | generated)."""
+    truth = _stack(samples, "frames")  # [B, V, T, 3, H, W]
+    settings, images = {}, {}
+    for setting in SETTINGS:
+        generated, mask = generate_setting(model, samples, setting, config, device)
+        psnr_gen, ssim_gen = scored_cells(generated, truth, ~mask)
+        psnr_copy, ssim_copy = scored_cells(copy_baseline(truth, setting), truth, ~mask)
+        settings[setting] = {
+            "psnr_generated": float(psnr_gen.mean()), "psnr_copy_baseline": float(psnr_copy.mean()),
+            "ssim_generated": float(ssim_gen.mean()), "ssim_copy_baseline": float(ssim_copy.mean()),
+            "psnr_gain_db": float(psnr_gen.mean() - psnr_copy.mean()),
+            "generated_cells_per_sample": int((~mask).sum())}
+        shown = slice(0, config.grid_samples)
+        images[setting] = image_grid(truth[shown], generated[shown], mask)
+    report: dict[str, Any] = {"model": "diffusion", "settings": settings,
+                              **settings["row_and_column"]}
+    report.update({f"{key}_row_only": settings["row_only"][key] for key in METRIC_KEYS})
+    return report, images
+
+
+def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
+                   device: torch.device) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Scores of renders at held-out views (and at the input views) and an image grid."""
+    held_psnr, held_ssim, input_psnr, truths, renders = [], [], [], [], []
+    for sample in samples:
+        rng = np.random.default_rng([config.seed, sample.index])
+        held = sorted(int(v) for v in rng.choice(sample.num_views,
+                                                 config.recon_held_out_views, replace=False))
+        inputs = [v for v in range(sample.num_views) if v not in held]
+        frames = sample.frames[None].to(device)  # [1, V, T, 3, H, W]
+        c2w, intr = sample.c2w[None].to(device), sample.intrinsics[None].to(device)
+        with torch.no_grad():
+            out = model(frames[:, inputs], c2w[:, inputs], intr[:, inputs])
+            H, W = frames.shape[-2:]
+            rgb = render_gaussian_batch(out.gaussians, c2w, intr, H, W).rgb.clamp(0, 1).cpu()
+        truth = sample.frames[None]
+        all_views = torch.ones(sample.num_views, sample.num_steps, dtype=torch.bool)
+        is_held = torch.zeros_like(all_views)
+        is_held[held] = True
+        p, s = scored_cells(rgb, truth, is_held)
+        held_psnr.append(p)
+        held_ssim.append(s)
+        input_psnr.append(scored_cells(rgb, truth, all_views & ~is_held)[0])
+        truths.append(truth[0, held])
+        renders.append(rgb[0, held])
+    shown = slice(0, config.grid_samples)
+    report = {"model": "recon", "psnr_recon": float(torch.cat(held_psnr).mean()),
+              "ssim_recon": float(torch.cat(held_ssim).mean()),
+              "psnr_recon_input_views": float(torch.cat(input_psnr).mean()),
+              "input_views": config.num_views, "held_out_views": config.recon_held_out_views}
+    grid = image_grid(torch.stack(truths[shown]), torch.stack(renders[shown]))
+    return report, {"recon": grid}
+
+
+def _to_uint8(x: Tensor) -> np.ndarray:  # [3, H, W] in [0, 1] -> [H, W, 3]
+    return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def _panel(grid: Tensor, given: Tensor | None, gap: int) -> np.ndarray:
+    """A [V, T, 3, H, W] grid as one image, rows = views; given cells get a green frame."""
+    V, T, _, H, W = grid.shape
+    panel = np.full((V * (H + gap) - gap, T * (W + gap) - gap, 3), 255, np.uint8)
+    for v in range(V):
+        for t in range(T):
+            cell = _to_uint8(grid[v, t])
+            if given is not None and bool(given[v, t]):
+                cell[[0, -1], :] = (0, 200, 0)
+                cell[:, [0, -1]] = (0, 200, 0)
+            y, x = v * (H + gap), t * (W + gap)
+            panel[y:y + H, x:x + W] = cell
+    return panel
+
+
+def image_grid(
+    truth: Tensor,  # [B, V, T, 3, H, W] in [0, 1]
+    generated: Tensor,  # [B, V, T, 3, H, W]
+    given: Tensor | None = None,  # [V, T] bool, framed in the generated panel
+    gap: int = 4,
+) -> np.ndarray:  # [H', W', 3] uint8
+    """Ground truth | generated side by side, one row of panels per sample."""
+    rows = []
+    for b in range(truth.shape[0]):
+        left, right = _panel(truth[b], None, gap), _panel(generated[b], given, gap)
+        spacer = np.full((left.shape[0], 4 * gap, 3), 255, np.uint8)
+        rows.append(np.concatenate([left, spacer, right], axis=1))
+    spacer = np.full((4 * gap, rows[0].shape[1], 3), 255, np.uint8)
+    parts = [part for row in rows for part in (row, spacer)][:-1]
+    return np.concatenate(parts, axis=0)
+
+
+def run_evaluation(kind: str, weights: str | Path, config: EvalConfig) -> dict[str, Any]:
+    """Evaluate one trained model; write `eval_<kind>.json` and `grid_<name>.png` files."""
+    import imageio.v3 as iio
+
+    device = pick_device(config.device)
+    impl = config.attention_impl or ("decomposed" if device.type == "cpu" else None)
+    model, model_config = load_model(kind, weights, device, impl)
+    extra_views = config.recon_held_out_views if kind == "recon" else 0
+    data = config.data_config(model_config.image_size, config.num_views + extra_views)
+    samples = held_out_samples(data, config)
+    evaluate = evaluate_diffusion if kind == "diffusion" else evaluate_recon
+    report, images = evaluate(model, samples, config, device)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report.update(weights=str(weights), num_samples=len(samples),
+                  held_out={"start": config.held_out_start, "kind": config.held_out_kind,
+                            "data": data.to_dict()},
+                  eval_config=asdict(config), images={})
+    for name, image in images.items():
+        path = out / f"grid_{name}.png"
+        iio.imwrite(path, image)
+        report["images"][name] = str(path)
+    (out / f"eval_{kind}.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def evaluate_all(diffusion_weights: str | Path, recon_weights: str | Path,
+                 config: EvalConfig) -> dict[str, Any]:
+    """Both evaluations and one `report.json` holding every headline figure."""
+    diffusion = run_evaluation("diffusion", diffusion_weights, config)
+    recon = run_evaluation("recon", recon_weights, config)
+    headline = {key: diffusion[key] for key in METRIC_KEYS}
+    headline.update({f"{key}_row_only": diffusion[f"{key}_row_only"] for key in METRIC_KEYS})
+    headline.update(psnr_recon=recon["psnr_recon"], ssim_recon=recon["ssim_recon"])
+    report = {**headline, "diffusion": diffusion, "recon": recon}
+    path = Path(config.output_dir) / "report.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return report

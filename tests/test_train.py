@@ -1,0 +1,370 @@
+"""Training and evaluation entry points: short seeded runs on the CPU, checkpoints that
+resume, a two-process run under torchrun (gloo), the evaluation report and its baselines."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import backend.diffusion.attention as attention
+from backend.data import DataConfig, PoolConfig, make_sample
+from backend.diffusion.model import VideoDiT
+from backend.recon import ReconModel
+from backend.train import (
+    DiffusionTrainConfig,
+    EvalConfig,
+    ExponentialMovingAverage,
+    ReconTrainConfig,
+    copy_baseline,
+    cosine_learning_rate,
+    evaluate_all,
+    list_checkpoints,
+    load_checkpoint,
+    sample_cell_masks,
+    train_diffusion,
+    train_recon,
+)
+from backend.train.__main__ import build_config, main
+from backend.train.common import find_resume_checkpoint, make_optimizer
+from backend.train.diffusion import build_diffusion_job, diffusion_loss
+from backend.train.evaluate import frame_psnr, scored_cells, setting_mask
+from backend.train.recon import GeometryValidSamples, choose_view_split
+from backend.weights import save_pretrained
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_DIFFUSION = {"width": 32, "depth": 2, "num_heads": 2}
+TINY_RECON = {"width": 32, "depth": 1, "num_heads": 2, "head_features": 16,
+              "dense_layers": [0, 0, 0, 0]}
+
+
+def tiny_diffusion_config(output_dir: Path, steps: int = 2) -> DiffusionTrainConfig:
+    return DiffusionTrainConfig(
+        data=DataConfig(num_views=2, num_steps=3, height=16, width=16),
+        model_overrides=dict(TINY_DIFFUSION), pool=PoolConfig(num_samples=4), batch_size=2,
+        steps=steps, warmup_steps=1, log_every=1, checkpoint_every=2,
+        output_dir=str(output_dir))
+
+
+def tiny_recon_config(output_dir: Path, steps: int = 2) -> ReconTrainConfig:
+    return ReconTrainConfig(
+        data=DataConfig(num_views=3, num_steps=2, height=16, width=16,
+                        homography_fraction=0.0),
+        model_overrides=dict(TINY_RECON), input_views=2, target_timesteps=1,
+        pool=PoolConfig(num_samples=2), batch_size=1, steps=steps, warmup_steps=1,
+        log_every=1, output_dir=str(output_dir))
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_tensors(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+def assert_resumes(output_dir: Path, first_steps: int) -> None:
+    """A rerun at the same step count loads the checkpoint and trains nothing; the re-saved
+    final weights equal the checkpoint's EMA (or model) weights bit for bit."""
+    checkpoint = list_checkpoints(output_dir)[-1]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert checkpoint.name == f"step_{first_steps:06d}" and state["step"] == first_steps
+    averaged = checkpoint / "ema" if (checkpoint / "ema").is_dir() else checkpoint / "model"
+    final = load_file(str(output_dir / "model" / "model.safetensors"))
+    assert_same_tensors(final, load_file(str(averaged / "model.safetensors")))
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def test_diffusion_run_writes_checkpoint_log_and_resumes(tmp_path):
+    out = tmp_path / "diffusion"
+    final = train_diffusion(tiny_diffusion_config(out, steps=2))
+    assert final == out / "model" and (final / "config.json").is_file()
+    assert_resumes(out, 2)
+    records = [r for r in read_log(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert math.isfinite(record["loss"]) and record["lr"] > 0 and record["samples_per_s"] > 0
+
+    train_diffusion(tiny_diffusion_config(out, steps=2))  # nothing left: reload and re-save
+    assert_resumes(out, 2)
+    train_diffusion(tiny_diffusion_config(out, steps=3))
+    log = read_log(out)
+    starts = [r for r in log if r.get("event") == "start"]
+    assert [s["step"] for s in starts] == [0, 2, 2]
+    assert starts[-1]["resumed_from"].endswith("step_000002")
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    assert json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())[
+        "samples_seen"] == 6
+
+
+def test_checkpoint_reload_restores_model_ema_and_optimizer(tmp_path):
+    out = tmp_path / "diffusion"
+    config = tiny_diffusion_config(out, steps=2)
+    train_diffusion(config)
+    checkpoint = list_checkpoints(out)[-1]
+    job = build_diffusion_job(config, _single_process())
+    optimizer = make_optimizer(job.model, config)
+    ema = ExponentialMovingAverage(job.model, config.ema_decay)
+    state = load_checkpoint(checkpoint, job.model, job.model_config, ema, optimizer)
+    assert state["step"] == 2
+    assert_same_tensors(job.model.state_dict(),
+                        load_file(str(checkpoint / "model" / "model.safetensors")))
+    assert_same_tensors(ema.model.state_dict(),
+                        load_file(str(checkpoint / "ema" / "model.safetensors")))
+    assert not torch.equal(job.model.proj_out.weight, ema.model.proj_out.weight)
+    steps = {float(s["step"]) for s in optimizer.state_dict()["state"].values()}
+    assert steps == {2.0}
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path):
+    out = tmp_path / "diffusion"
+    train_diffusion(tiny_diffusion_config(out, steps=2))
+    changed = tiny_diffusion_config(out, steps=3)
+    changed.model_overrides["mlp_ratio"] = 2.0
+    with pytest.raises(ValueError, match="another model config"):
+        train_diffusion(changed)
+
+
+def test_time_budget_ends_the_sitting_with_a_checkpoint(tmp_path):
+    out = tmp_path / "diffusion"
+    config = tiny_diffusion_config(out, steps=50)
+    config.max_minutes = 1e-6
+    train_diffusion(config)
+    assert [p.name for p in list_checkpoints(out)] == ["step_000001"]
+    assert (out / "model" / "model.safetensors").is_file()
+    assert find_resume_checkpoint(config) == out / "checkpoints" / "step_000001"
+    config.resume = str(tmp_path)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        find_resume_checkpoint(config)
+    config.resume = "none"
+    assert find_resume_checkpoint(config) is None
+
+
+def test_recon_run_writes_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "recon"
+    train_recon(tiny_recon_config(out, steps=2))
+    assert_resumes(out, 2)
+    train_recon(tiny_recon_config(out, steps=3))
+    records = [r for r in read_log(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("mse", "ssim", "depth", "camera"):
+        assert all(math.isfinite(r[key]) for r in records), key
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_processes_on_cpu_and_resume(tmp_path):
+    out = tmp_path / "ddp"
+    config = tiny_diffusion_config(out, steps=2).to_dict()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={_free_port()}", "--master_addr=127.0.0.1",
+               "-m", "backend.train", "diffusion", "--config", json.dumps(config)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = next(r for r in read_log(out) if r.get("event") == "start")
+    assert start["world_size"] == 2
+    records = [r for r in read_log(out) if "loss" in r]
+    assert [r["samples_seen"] for r in records] == [4, 8]  # 2 processes x batch 2
+    assert_resumes(out, 2)
+    train_diffusion(tiny_diffusion_config(out, steps=3))  # resumed by one process
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3]
+
+
+def _single_process():
+    from backend.train.common import DistributedContext
+
+    return DistributedContext()
+
+
+def test_training_attention_is_the_differentiable_decomposed_kernel(monkeypatch):
+    calls = []
+    original = attention.decomposed_view_time_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].requires_grad)
+        return original(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("flex attention was chosen while training")
+
+    monkeypatch.setattr(attention, "decomposed_view_time_attention", counting)
+    monkeypatch.setattr(attention, "flex_view_time_attention", refuse)
+    config = tiny_diffusion_config(Path("unused"))
+    assert config.model_config().attention_impl == "auto"
+    torch.manual_seed(0)
+    model = VideoDiT(config.model_config()).train()
+    for weight in model.parameters():  # zero-initialised gates and output would block grads
+        if weight.ndim == 2 and not weight.any():
+            torch.nn.init.normal_(weight, std=0.05)
+    sample = make_sample(config.data, 0).to_tensors()
+    batch = {k: v[None] for k, v in sample.items()}
+    loss, _ = diffusion_loss(model, batch, 0, config, rank=0)
+    loss.backward()
+    assert len(calls) == config.model_config().depth and all(calls)
+    qkv = model.blocks[0].attentions[0].qkv.weight.grad
+    assert qkv is not None and qkv.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+def test_cell_mask_policies():
+    rng = np.random.default_rng(0)
+    row = sample_cell_masks(3, 4, 5, {"row": 1.0}, 0.3, rng)
+    assert row[:, 0].all() and not row[:, 1:].any()
+    both = sample_cell_masks(3, 4, 5, {"row_and_column": 1.0}, 0.3, rng)
+    assert both[:, 0].all() and both[:, :, 0].all() and not both[:, 1:, 1:].any()
+    random = sample_cell_masks(200, 2, 2, {"random": 1.0}, 0.9, rng)
+    given = random.flatten(1).sum(1)
+    assert (given >= 1).all() and (given <= 3).all()
+    mixed = sample_cell_masks(400, 3, 3, {"row": 1.0, "row_and_column": 3.0}, 0.3, rng)
+    share = mixed[:, 1, 0].float().mean()  # given only under row_and_column
+    assert 0.68 < share < 0.82
+
+
+def test_view_split_holds_views_out():
+    config = tiny_recon_config(Path("unused"))
+    split = choose_view_split(3, 2, config, np.random.default_rng(1))
+    held = sorted(set(split.targets) - set(split.inputs))
+    assert len(split.inputs) == 2 and len(held) == 1 and len(split.timesteps) == 1
+    config.supervise_input_views = False
+    split = choose_view_split(3, 2, config, np.random.default_rng(1))
+    assert not set(split.targets) & set(split.inputs)
+
+
+def test_geometry_invalid_samples_are_skipped():
+    items = [{"geometry_valid": torch.tensor(flag), "index": torch.tensor(i)}
+             for i, flag in enumerate([True, False, True, False])]
+    kept = [int(item["index"]) for item in GeometryValidSamples(items)]
+    assert kept == [0, 2]
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [cosine_learning_rate(s, 1.0, 10, 110, 0.1) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert lrs[110] == pytest.approx(0.1)
+
+
+def test_ema_trails_the_model():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    ema = ExponentialMovingAverage(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=1000)
+    assert torch.allclose(ema.model.weight, start + 0.1)
+    ema.update(model, step=0)  # early steps use decay (1 + step) / (10 + step) = 0.1
+    assert torch.allclose(ema.model.weight, start + 0.1 + 0.9 * 0.9)
+
+
+def test_config_round_trip_cli_overrides_and_errors():
+    config = build_config(DiffusionTrainConfig, '{"data": {"height": 32, "width": 32}}',
+                          ["model_overrides.patch_size=4", "pool.num_samples=16"],
+                          {"steps": 7, "lr": None})
+    assert (config.data.height, config.data.num_views, config.steps) == (32, 4, 7)
+    assert config.model_config().patch_size == 4 and config.pool.num_samples == 16
+    assert config.model_config().image_size == (32, 32)
+    again = DiffusionTrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    with pytest.raises(ValueError, match="unknown key"):
+        build_config(DiffusionTrainConfig, None, ["data.heigth=3"], {})
+    with pytest.raises(ValueError, match="mask_weights"):
+        DiffusionTrainConfig(mask_weights={"diagonal": 1.0})
+    with pytest.raises(ValueError, match="image_size"):
+        DiffusionTrainConfig(model_overrides={"image_size": (32, 32)})
+    with pytest.raises(ValueError, match="input_views"):
+        ReconTrainConfig(input_views=6)
+    with pytest.raises(ValueError, match="batch_size"):
+        DiffusionTrainConfig(batch_size=0)
+
+
+def test_cli_reports_bad_input(capsys):
+    assert main(["diffusion", "--set", "lr=-1"]) == 2
+    assert "lr" in capsys.readouterr().err
+    assert main(["diffusion", "--set", "data.height=32", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["height"] == 32
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def test_copy_baselines_copy_the_right_cells():
+    B, V, T = 2, 3, 4
+    values = torch.arange(B * V * T, dtype=torch.float32).reshape(B, V, T, 1, 1, 1)
+    frames = values.expand(B, V, T, 3, 2, 2)
+    over_time = copy_baseline(frames, "row_and_column")
+    assert torch.equal(over_time, frames[:, :, :1].expand_as(frames))
+    assert over_time[1, 2, 3, 0, 0, 0] == values[1, 2, 0, 0, 0, 0]
+    over_views = copy_baseline(frames, "row_only")
+    assert over_views[1, 2, 3, 0, 0, 0] == values[1, 0, 3, 0, 0, 0]
+    assert setting_mask("row_and_column", V, T).sum() == V + T - 1
+    assert setting_mask("row_only", V, T).sum() == T
+    with pytest.raises(ValueError, match="setting"):
+        copy_baseline(frames, "column_only")
+
+
+def test_copy_baseline_is_perfect_where_copying_is_exact():
+    data = DataConfig(num_views=3, num_steps=3, height=16, width=16, homography_strength=0.0)
+    static = make_sample(data, 5, kind="static").frames[None]  # still scene and rig
+    cells = ~setting_mask("row_and_column", 3, 3)
+    psnr_static, ssim_static = scored_cells(copy_baseline(static, "row_and_column"), static,
+                                            cells)
+    assert (psnr_static >= 119.9).all() and torch.allclose(ssim_static, torch.ones(4))
+    psnr_row_only, _ = scored_cells(copy_baseline(static, "row_only"), static,
+                                    ~setting_mask("row_only", 3, 3))
+    assert psnr_row_only.max() < 60  # other views of a still scene do differ
+    identical_views = make_sample(data, 6, kind="homography").frames[None]  # identity warps
+    psnr_views, _ = scored_cells(copy_baseline(identical_views, "row_only"), identical_views,
+                                 ~setting_mask("row_only", 3, 3))
+    assert (psnr_views >= 119.9).all()
+    assert frame_psnr(torch.zeros(3, 2, 2), torch.full((3, 2, 2), 0.1)).item() == \
+        pytest.approx(20.0)
+
+
+def test_eval_writes_report_with_every_key_and_image_grids(tmp_path):
+    torch.manual_seed(0)
+    diffusion_config = tiny_diffusion_config(tmp_path).model_config()
+    recon_config = tiny_recon_config(tmp_path).model_config()
+    save_pretrained(tmp_path / "diffusion", VideoDiT(diffusion_config), diffusion_config)
+    save_pretrained(tmp_path / "recon", ReconModel(recon_config), recon_config)
+    config = EvalConfig(num_samples=2, num_views=2, num_steps=3, recon_held_out_views=1,
+                        sampler_steps=2, batch_size=2, held_out_kind="static",
+                        attention_impl="decomposed", output_dir=str(tmp_path / "eval"))
+    report = evaluate_all(tmp_path / "diffusion", tmp_path / "recon", config)
+    on_disk = json.loads((tmp_path / "eval" / "report.json").read_text())
+    for key in ("psnr_generated", "psnr_copy_baseline", "psnr_recon", "ssim_generated",
+                "ssim_copy_baseline", "ssim_recon", "psnr_generated_row_only",
+                "psnr_copy_baseline_row_only", "ssim_generated_row_only",
+                "ssim_copy_baseline_row_only"):
+        assert math.isfinite(on_disk[key]) and on_disk[key] == report[key], key
+    assert on_disk["psnr_copy_baseline"] >= 119.9  # still scenes: copying over time is exact
+    assert on_disk["psnr_copy_baseline_row_only"] < 60
+    assert on_disk["psnr_generated"] < 60  # an untrained model does not match it
+    for name in ("row_and_column", "row_only", "recon"):
+        image = iio.imread(tmp_path / "eval" / f"grid_{name}.png")
+        assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    grid = iio.imread(tmp_path / "eval" / "grid_row_and_column.png")
+    assert grid.shape[1] > 2 * 3 * 16  # ground truth | generated, 3 timesteps each
