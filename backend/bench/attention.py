@@ -1,0 +1,271 @@
+"""Benchmark fused view-time attention kernels against full and dense-masked attention.
+
+`python -m backend.bench attention [--json PATH] [--quick] [--device cpu|cuda] [--repeats R]`
+
+For each grid V x T and tokens per frame P (4 heads of 64, B=1, float32) it times, in one
+process and with repeats interleaved between implementations: flex (forward), decomposed
+(forward, and forward+backward), reference (dense-mask SDPA, skipped when its mask would exceed
+a memory cap) and full attention (SDPA, no mask). Times are medians after a warm-up call;
+process CPU times are reported beside the wall times.
+
+Peak memory of one call, measured in a second pass after all timings: on CUDA,
+`torch.cuda.max_memory_allocated` above the level before the call. On the CPU (Linux with
+glibc), the process's peak resident set above the resident set before the call, read from
+VmHWM after resetting it through /proc/self/clear_refs; for this pass malloc is set to map
+every block over 64 KiB separately, so freed tensors leave the resident set and it tracks
+live allocations. Elsewhere memory is not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from backend.diffusion.attention import (
+    decomposed_view_time_attention,
+    flex_available,
+    flex_view_time_attention,
+    full_attention,
+    reference_attention,
+)
+
+
+@dataclass
+class AttentionBenchConfig:
+    grids: tuple[tuple[int, int], ...] = ((4, 8), (8, 8), (8, 16))  # (V, T)
+    tokens_per_frame: tuple[int, ...] = (64, 128, 256)
+    num_heads: int = 4
+    head_dim: int = 64
+    batch: int = 1
+    repeats: int = 3
+    reference_mask_cap_bytes: int = 2 * 2**30  # bool mask + its float32 form, [N, N] each
+
+
+EXACT = ("flex_fwd", "decomposed_fwd", "reference_fwd")
+_MALLOC_MMAP_THRESHOLD, _MALLOC_TRIM_THRESHOLD = -3, -1  # glibc mallopt parameters
+
+
+class PeakMemory:
+    """Peak extra memory of one call on a device (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method: str | None = None
+        self._release_free_heap = None
+
+    def prepare(self) -> str | None:
+        """Set up measuring (changes malloc behaviour on the CPU); returns the method or None."""
+        if self.device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated above the level before the call"
+            return self.method
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self._status("VmHWM")
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            if not (libc.mallopt(_MALLOC_MMAP_THRESHOLD, 1 << 16)
+                    and libc.mallopt(_MALLOC_TRIM_THRESHOLD, 1 << 16)):
+                return None
+            self._release_free_heap = libc.malloc_trim
+        except (OSError, ValueError, AttributeError):
+            return None
+        self.method = ("peak resident set above the resident set before the call "
+                       "(VmHWM reset via /proc/self/clear_refs; blocks > 64 KiB mmapped)")
+        return self.method
+
+    @staticmethod
+    def _status(field: str) -> int:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        if match is None:
+            raise ValueError(f"no {field} in /proc/self/status")
+        return int(match.group(1)) * 1024
+
+    def measure(self, fn) -> int | None:
+        if self.method is None:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - before
+        self._release_free_heap(0)  # freed heap left from earlier calls would hide new use
+        Path("/proc/self/clear_refs").write_text("5")
+        before = self._status("VmRSS")
+        fn()
+        return self._status("VmHWM") - before
+
+
+def _inputs(V: int, T: int, P: int, config: AttentionBenchConfig, device: torch.device):
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = (config.batch, config.num_heads, V * T * P, config.head_dim)  # [B, nh, N, hd]
+    return [torch.randn(shape, generator=generator, device=device) for _ in range(4)]
+
+
+def _make_calls(V: int, T: int, P: int, config: AttentionBenchConfig, device: torch.device,
+                notes: list[str] | None = None):
+    """name -> zero-argument call; forward calls return their output, the backward one None."""
+    q, k, v, grad_out = _inputs(V, T, P, config, device)  # each [B, nh, N, hd]
+    N = q.shape[2]
+    notes = [] if notes is None else notes
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad():
+                return fn(q, k, v)
+        return call
+
+    def decomposed_fwd_bwd():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        decomposed_view_time_attention(*leaves, V, T).backward(grad_out)
+
+    calls = {}
+    if flex_available(device):
+        calls["flex_fwd"] = no_grad(lambda *a: flex_view_time_attention(*a, V, T))
+    else:
+        notes.append(f"flex skipped: FlexAttention not available on {device}")
+    calls["decomposed_fwd"] = no_grad(lambda *a: decomposed_view_time_attention(*a, V, T))
+    calls["decomposed_fwd_bwd"] = decomposed_fwd_bwd
+    mask_bytes = 5 * N * N
+    if mask_bytes <= config.reference_mask_cap_bytes:
+        calls["reference_fwd"] = no_grad(lambda *a: reference_attention(*a, V, T))
+    else:
+        notes.append(f"reference skipped: dense mask {mask_bytes / 2**30:.1f} GiB exceeds the "
+                     f"{config.reference_mask_cap_bytes / 2**30:.1f} GiB cap")
+    calls["full_fwd"] = no_grad(full_attention)
+    return calls
+
+
+def _timed(call, device: torch.device) -> tuple[float, float]:
+    """Wall and process CPU seconds of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start_wall, time.process_time() - start_cpu
+
+
+def _errors(outputs: dict) -> tuple[dict, str]:
+    """Max abs error of flex and decomposed against reference (or decomposed if it did not run)."""
+    baseline = "reference_fwd" if "reference_fwd" in outputs else "decomposed_fwd"
+    errors = {}
+    for name in ("flex_fwd", "decomposed_fwd"):
+        if name in outputs and name != baseline:
+            diff = (outputs[name] - outputs[baseline]).abs().max().item()
+            errors[name.removesuffix("_fwd")] = diff
+    return errors, baseline.removesuffix("_fwd")
+
+
+def time_shape(V: int, T: int, P: int, config: AttentionBenchConfig,
+               device: torch.device) -> dict:
+    """Times, speedups and errors of every implementation on one grid shape."""
+    notes: list[str] = []
+    calls = _make_calls(V, T, P, config, device, notes)
+    outputs = {name: call() for name, call in calls.items()}  # warm-up (flex compiles here)
+    errors, error_baseline = _errors({n: o for n, o in outputs.items() if o is not None})
+    del outputs
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(config.repeats):  # interleaved, so load changes hit every kernel alike
+        for name, call in calls.items():
+            wall_s, cpu_s = _timed(call, device)
+            wall[name].append(wall_s)
+            cpu[name].append(cpu_s)
+    times = {name: statistics.median(values) for name, values in wall.items()}
+    fastest = min((name for name in EXACT if name in times), key=times.__getitem__)
+    speedup = times["full_fwd"] / times[fastest]
+    ideal = V * T / (V + T - 1)
+    return {
+        "views": V, "steps": T, "tokens_per_frame": P, "tokens": V * T * P,
+        "times_s": times,
+        "cpu_times_s": {name: statistics.median(values) for name, values in cpu.items()},
+        "fastest_exact": fastest.removesuffix("_fwd"),
+        "speedup_vs_full": speedup, "ideal_speedup": ideal,
+        "fraction_of_ideal": speedup / ideal,
+        "max_abs_err": errors, "error_baseline": error_baseline, "notes": notes,
+    }
+
+
+def measure_shape(V: int, T: int, P: int, config: AttentionBenchConfig,
+                  memory: PeakMemory) -> dict:
+    """Peak extra bytes of one call of every implementation (after a warm-up call)."""
+    peaks = {}
+    for name, call in _make_calls(V, T, P, config, memory.device).items():
+        call()
+        peaks[name] = memory.measure(call)
+    return peaks
+
+
+def _grid_name(result: dict) -> str:
+    return f"{result['views']}x{result['steps']}x{result['tokens_per_frame']}"
+
+
+def _format_row(result: dict) -> str:
+    times = result["times_s"]
+    cells = [f"{times[name]:9.3f}" if name in times else f"{'-':>9}"
+             for name in ("flex_fwd", "decomposed_fwd", "decomposed_fwd_bwd", "reference_fwd",
+                          "full_fwd")]
+    errors = result["max_abs_err"]
+    worst = max(errors.values()) if errors else float("nan")
+    return (f"{_grid_name(result):>10} {result['tokens']:>6} {' '.join(cells)} "
+            f"{result['speedup_vs_full']:7.2f}x {result['ideal_speedup']:6.2f}x "
+            f"{100 * result['fraction_of_ideal']:5.0f}% {worst:9.1e}")
+
+
+HEADER = (f"{'V x T x P':>10} {'N':>6} {'flex':>9} {'decomp':>9} {'dec f+b':>9} {'ref':>9} "
+          f"{'full':>9} {'speedup':>8} {'ideal':>7} {'frac':>6} {'max err':>9}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench attention", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="smallest shape only (smoke test)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=AttentionBenchConfig.repeats)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but CUDA is not available")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    config = AttentionBenchConfig(repeats=args.repeats)
+    if args.quick:
+        config.grids, config.tokens_per_frame = config.grids[:1], config.tokens_per_frame[:1]
+    device = torch.device(args.device)
+    shapes = [(V, T, P) for V, T in config.grids for P in config.tokens_per_frame]
+    print(f"fused view-time attention, {config.num_heads} heads x {config.head_dim}, "
+          f"B={config.batch}, float32, {device}, {torch.get_num_threads()} threads; "
+          f"wall seconds, median of {config.repeats}")
+    print(HEADER)
+    results = []
+    for shape in shapes:
+        results.append(time_shape(*shape, config, device))
+        print(_format_row(results[-1]), flush=True)
+    memory = PeakMemory(device)
+    print(f"peak memory per call, MiB ({memory.prepare() or 'not measured on this system'}):")
+    for shape, result in zip(shapes, results, strict=True):
+        result["peak_memory_bytes"] = measure_shape(*shape, config, memory)
+        cells = [f"{name}={value / 2**20:.0f}" for name, value in
+                 result["peak_memory_bytes"].items() if value is not None]
+        print(f"{_grid_name(result):>10} " + " ".join(cells), flush=True)
+    for result in results:
+        for note in result["notes"]:
+            print(f"{_grid_name(result)}: {note}")
+    if args.json:
+        report = {"benchmark": "attention", "device": str(device), "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "memory_method": memory.method,
+                  "config": asdict(config), "results": results}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,251 @@
+"""Fused view-time attention: flex and decomposed kernels against the dense-mask reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backend.diffusion.attention import (
+    decomposed_view_time_attention,
+    flex_available,
+    full_attention,
+    fused_view_time_attention,
+    select_implementation,
+    time_attention,
+    view_attention,
+    view_time_block_mask,
+    view_time_mask,
+)
+
+# (B, nh, V, T, P): P below and above the 128-token flex block, not a multiple of it.
+GRIDS = [(2, 3, 2, 3, 5), (2, 3, 4, 8, 16), (2, 3, 3, 2, 130)]
+FLEX_GRIDS = GRIDS[1:]  # several blocks with frames split across them; padding (N = 780)
+EDGE_GRIDS = [(1, 1, 1, 3, 4), (1, 2, 3, 1, 7)]  # one view; one timestep
+HEAD_DIM = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """The tensors here are tiny: one intra-op thread avoids paying a thread wake-up on each
+    of the many small ops, which dominates on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _qkv(B, nh, V, T, P, dtype=torch.float32, seed=0, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (B, nh, V * T * P, HEAD_DIM)
+    return [torch.randn(shape, generator=generator, dtype=dtype).requires_grad_(requires_grad)
+            for _ in range(3)]
+
+
+def _chunk_sizes(V, T, P, split_frames=False):
+    """Score budgets for the chunkings of `decomposed`: the default (whole views, several
+    heads), two timesteps of one head, and with `split_frames` half the tokens of a frame."""
+    frame_bytes = 4 * P * (T * P + (V - 1) * P)  # float32 scores of one frame of queries
+    return (None, 2 * frame_bytes) + ((frame_bytes // 2,) if split_frames else ())
+
+
+def _reference(q, k, v, V, T):
+    return fused_view_time_attention(q, k, v, V, T, impl="reference")
+
+
+def test_mask_matches_definition_cell_by_cell():
+    V, T, P = 3, 4, 2
+    mask = view_time_mask(V, T, P)
+    assert mask.shape == (V * T * P, V * T * P) and mask.dtype == torch.bool
+    cells = list(itertools.product(range(V), range(T), range(P)))
+    for (i, (vq, tq, _)), (j, (vk, tk, _)) in itertools.product(enumerate(cells), repeat=2):
+        assert mask[i, j].item() == (vq == vk or tq == tk), (i, j)
+    for V, T in [(3, 4), (8, 16), (1, 5)]:
+        fraction = view_time_mask(V, T, 3).float().mean().item()
+        assert fraction == pytest.approx((V + T - 1) / (V * T))
+
+
+@pytest.mark.parametrize("grid", GRIDS + EDGE_GRIDS)
+def test_decomposed_matches_reference(grid):
+    V, T, P = grid[2:]
+    q, k, v = _qkv(*grid)
+    expected = _reference(q, k, v, V, T)
+    few_frames = grid[0] * grid[1] * V * T <= 40  # splitting frames makes many small chunks
+    for chunk_bytes in _chunk_sizes(V, T, P, split_frames=few_frames):
+        out = decomposed_view_time_attention(q, k, v, V, T, score_chunk_bytes=chunk_bytes)
+        error = (out - expected).abs().max().item()
+        print(f"decomposed {grid} chunk={chunk_bytes}: max abs err {error:.2e}")
+        assert out.shape == q.shape and error < 1e-5
+
+
+@pytest.mark.parametrize("grid", GRIDS + EDGE_GRIDS[:1])
+def test_decomposed_gradients_match_reference(grid):
+    V, T, P = grid[2:]
+    q, k, v = _qkv(*grid, dtype=torch.float64, seed=1, requires_grad=True)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2),
+                           dtype=torch.float64)
+    expected = torch.autograd.grad(_reference(q, k, v, V, T), (q, k, v), grad_out)
+    for chunk_bytes in _chunk_sizes(V, T, P):
+        out = decomposed_view_time_attention(q, k, v, V, T, score_chunk_bytes=chunk_bytes)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        for name, got, want in zip("qkv", grads, expected, strict=True):
+            error = (got - want).abs().max().item()
+            print(f"decomposed grad {name} {grid} chunk={chunk_bytes}: max abs err {error:.2e}")
+            assert error < 1e-10
+
+
+def test_decomposed_gradients_float32():
+    B, nh, V, T, P = GRIDS[1]
+    q, k, v = _qkv(B, nh, V, T, P, seed=3, requires_grad=True)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    expected = torch.autograd.grad(_reference(q, k, v, V, T), (q, k, v), grad_out)
+    out = fused_view_time_attention(q, k, v, V, T, impl="decomposed")
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), expected, strict=True):
+        assert (got - want).abs().max().item() < 1e-4
+
+
+def test_decomposed_is_exact_when_the_norm_bound_is_loose_or_scores_are_large():
+    V, T, P = 3, 2, 4
+    q, k, v = _qkv(1, 2, V, T, P, seed=12)
+    # One key of huge norm orthogonal to every query: the |q|*max|k| shift underflows every
+    # row, so rows fall back to the exact maximum.
+    q[..., 0] = 0.0
+    k[:, :, 5] = 0.0
+    k[:, :, 5, 0] = 1e4
+    # Large scores elsewhere must not overflow.
+    q[:, 1] *= 40.0
+    expected = _reference(q, k, v, V, T)
+    out = fused_view_time_attention(q, k, v, V, T, impl="decomposed")
+    assert torch.isfinite(out).all()
+    assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_decomposed_keeps_low_precision_dtype():
+    V, T = GRIDS[0][2:4]
+    q, k, v = _qkv(*GRIDS[0], seed=11)
+    low = [t.bfloat16().requires_grad_(True) for t in (q, k, v)]
+    out = fused_view_time_attention(*low, V, T, impl="decomposed")
+    assert out.dtype == torch.bfloat16
+    expected = _reference(*(t.detach().float() for t in low), V, T)
+    assert (out.float() - expected).abs().max().item() < 2e-2
+    out.float().sum().backward()
+    assert all(t.grad.dtype == torch.bfloat16 for t in low)
+
+
+@pytest.mark.skipif(not flex_available("cpu"), reason="no C++ compiler for compiled flex")
+@pytest.mark.parametrize("grid", FLEX_GRIDS)
+def test_flex_matches_reference(grid):
+    V, T = grid[2:4]
+    q, k, v = _qkv(*grid, seed=5)
+    with torch.no_grad():
+        out = fused_view_time_attention(q, k, v, V, T, impl="flex")
+    error = (out - _reference(q, k, v, V, T)).abs().max().item()
+    print(f"flex {grid}: max abs err {error:.2e}")
+    assert out.shape == q.shape and error < 1e-5
+
+
+def test_block_mask_is_cached_and_padded():
+    V, T, P = 3, 2, 130  # N = 780: the last 128-block is partly padding
+    block_mask = view_time_block_mask(V, T, P, "cpu")
+    assert view_time_block_mask(V, T, P, "cpu") is block_mask
+    assert view_time_block_mask(V, T, P + 1, "cpu") is not block_mask
+    assert block_mask.seq_lengths == (V * T * P, V * T * P)
+    dense = block_mask.to_dense()[0, 0]  # [Nq blocks, Nkv blocks], 1 = block visited
+    expected = view_time_mask(V, T, P)
+    padded = torch.zeros(dense.shape[0] * 128, dense.shape[1] * 128, dtype=torch.bool)
+    padded[:expected.shape[0], :expected.shape[1]] = expected
+    any_allowed = padded.reshape(dense.shape[0], 128, dense.shape[1], 128).any(3).any(1)
+    assert torch.equal(dense.bool(), any_allowed)
+
+
+def test_auto_picks_flex_without_grad_and_decomposed_with_grad():
+    q, k, v = _qkv(*GRIDS[0], requires_grad=True)
+    assert select_implementation(q, k, v, "auto") == "decomposed"
+    with torch.no_grad():
+        expected = "flex" if flex_available("cpu") else "decomposed"
+        assert select_implementation(q, k, v, "auto") == expected
+    plain = [t.detach() for t in (q, k, v)]
+    assert select_implementation(*plain, "auto") == expected
+    assert select_implementation(*plain, "reference") == "reference"
+    with pytest.raises(ValueError, match="impl"):
+        select_implementation(*plain, "sparse")
+
+
+def test_auto_with_grad_on_cpu_is_exact_and_differentiable():
+    V, T = GRIDS[0][2:4]
+    q, k, v = _qkv(*GRIDS[0], seed=6, requires_grad=True)
+    out = fused_view_time_attention(q, k, v, V, T)
+    torch.testing.assert_close(out, _reference(q, k, v, V, T), rtol=0, atol=1e-5)
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_flex_with_grad_on_cpu_raises():
+    q, k, v = _qkv(*GRIDS[0], requires_grad=True)
+    with pytest.raises(ValueError, match="no backward on the CPU"):
+        fused_view_time_attention(q, k, v, 2, 3, impl="flex")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grid", FLEX_GRIDS)
+def test_flex_gradients_match_reference_on_cuda(grid):
+    V, T = grid[2:4]
+    q, k, v = (t.cuda().requires_grad_(True) for t in _qkv(*grid, seed=7))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).cuda()
+    expected = torch.autograd.grad(_reference(q, k, v, V, T), (q, k, v), grad_out)
+    out = fused_view_time_attention(q, k, v, V, T, impl="flex")
+    torch.testing.assert_close(out, _reference(q, k, v, V, T), rtol=0, atol=1e-4)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+
+
+def _masked_sdpa(q, k, v, mask):  # mask [N, N]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _grid_index(V, T, P):  # views and timesteps of the N flattened tokens, each [N]
+    index = torch.arange(V * T * P)
+    return index // (T * P), (index // P) % T
+
+
+@pytest.mark.parametrize("grid", GRIDS[:2] + EDGE_GRIDS)
+def test_view_and_time_attention_match_masked_sdpa(grid):
+    V, T, P = grid[2:]
+    q, k, v = _qkv(*grid, seed=9)
+    view, step = _grid_index(V, T, P)
+    same_view = view[:, None] == view[None, :]
+    same_step = step[:, None] == step[None, :]
+    torch.testing.assert_close(view_attention(q, k, v, V, T),
+                               _masked_sdpa(q, k, v, same_view), rtol=0, atol=1e-5)
+    torch.testing.assert_close(time_attention(q, k, v, V, T),
+                               _masked_sdpa(q, k, v, same_step), rtol=0, atol=1e-5)
+    torch.testing.assert_close(full_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_fused_differs_from_view_and_time_alone():
+    V, T = GRIDS[1][2:4]
+    q, k, v = _qkv(*GRIDS[1], seed=10)
+    fused = fused_view_time_attention(q, k, v, V, T, impl="reference")
+    for partial in (view_attention(q, k, v, V, T), time_attention(q, k, v, V, T)):
+        assert (fused - partial).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("shape, views, steps, message", [
+    ((1, 1, 30, 8), 4, 3, "multiple"),
+    ((1, 30, 8), 2, 3, r"\[B, nh, N, hd\]"),
+    ((1, 1, 30, 8), 0, 3, "num_views"),
+])
+def test_bad_input_raises(shape, views, steps, message):
+    x = torch.zeros(shape)
+    for impl in ("reference", "decomposed"):
+        with pytest.raises(ValueError, match=message):
+            fused_view_time_attention(x, x, x, views, steps, impl=impl)
+
+
+def test_mismatched_shapes_raise():
+    q = torch.zeros(1, 1, 12, 8)
+    with pytest.raises(ValueError, match="shapes differ"):
+        fused_view_time_attention(q, q, torch.zeros(1, 1, 12, 4), 2, 3, impl="decomposed")

@@ -1,0 +1,397 @@
+"""The 4D video diffusion transformer: config, forward, attention locality, loss, sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from backend.diffusion.config import DiffusionConfig
+from backend.diffusion.losses import masked_cell_mse, rectified_flow_loss
+from backend.diffusion.model import VideoDiT, patchify, unpatchify
+from backend.diffusion.sampler import EulerSampler, SamplingCancelled
+from backend.weights import count_parameters
+
+VARIANTS = ("fused", "sequential", "parallel", "full")
+
+
+def debug_config(**overrides) -> DiffusionConfig:
+    values = dict(in_channels=3, patch_size=4, width=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                  t_max=4, max_views=4, use_camera_rays=False, cfg_dropout=0.0,
+                  attention_impl="reference", image_size=(16, 16))
+    values.update(overrides)
+    return DiffusionConfig(**values)
+
+
+def randomize(model: nn.Module, seed: int = 0, std: float = 0.3) -> nn.Module:
+    """Replace the zero-initialised weights so every path of the network is live."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def grid_inputs(B: int = 1, V: int = 3, T: int = 4, C: int = 3, H: int = 16, W: int = 16,
+                seed: int = 0) -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(B, V, T, dtype=torch.bool)
+    mask[:, 0, :] = True  # the input video: view 0 at every timestep
+    mask[:, :, 0] = True  # the freeze-time column: every view at timestep 0
+    return {"x": torch.randn(B, V, T, C, H, W, generator=generator),
+            "s": torch.rand(B, generator=generator),
+            "cond_frames": torch.randn(B, V, T, C, H, W, generator=generator),
+            "cell_mask": mask}
+
+
+def blob_grid(V: int = 2, T: int = 4, H: int = 16, W: int = 16) -> Tensor:
+    """A smooth 4D sample: two coloured Gaussian blobs moving over time, shifting per view."""
+    ys, xs = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    frames = torch.zeros(1, V, T, 3, H, W)
+    colours = torch.tensor([[1.0, -0.6, -0.8], [-0.7, 0.2, 0.9]])
+    for v in range(V):
+        for t in range(T):
+            for i, colour in enumerate(colours):
+                cx = W * (0.25 + 0.5 * i) + 1.5 * t * (1 - 2 * i) + 2.0 * v
+                cy = H * 0.5 + 2.0 * math.sin(t + i)
+                blob = torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * 3.0**2))
+                frames[0, v, t] += colour[:, None, None] * blob
+    return frames.clamp(-1, 1)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_presets_are_valid_and_tiny_is_cpu_sized():
+    for name in ("tiny", "small", "paper"):
+        config = DiffusionConfig.preset(name)
+        assert DiffusionConfig.from_dict(config.to_dict()) == config
+    with torch.device("meta"):
+        tiny = VideoDiT(DiffusionConfig.preset("tiny"))
+    count = count_parameters(tiny)
+    print(f"tiny preset: {count / 1e6:.2f}M parameters")
+    assert 3e6 <= count <= 6e6
+    with pytest.raises(ValueError, match="unknown preset"):
+        DiffusionConfig.preset("huge")
+
+
+def test_paper_preset_has_about_eleven_billion_parameters():
+    with torch.device("meta"):
+        model = VideoDiT(DiffusionConfig.preset("paper"))
+    count = count_parameters(model)
+    print(f"paper preset: {count / 1e9:.2f}B parameters")
+    assert 10e9 <= count <= 12.5e9
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"attention": "diagonal"}, "attention must be"),
+    ({"attention_impl": "cuda"}, "attention_impl"),
+    ({"width": 30, "num_heads": 4}, "not divisible by num_heads"),
+    ({"cross_attention": True, "context_dim": 0}, "context_dim"),
+    ({"cfg_dropout": 1.0}, "cfg_dropout"),
+    ({"image_size": (18, 16)}, "image_size"),
+    ({"depth": 0}, "depth"),
+])
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        debug_config(**overrides)
+
+
+def test_config_dict_round_trip_and_unknown_keys():
+    config = debug_config(attention="parallel", image_size=(16, 32))
+    values = config.to_dict()
+    assert values["image_size"] == [16, 32]
+    assert DiffusionConfig.from_dict(values) == config
+    with pytest.raises(ValueError, match="unknown DiffusionConfig keys: colour"):
+        DiffusionConfig.from_dict({**values, "colour": "red"})
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_patchify_round_trip_and_token_order():
+    frames = torch.randn(2, 3, 4, 3, 8, 12, generator=torch.Generator().manual_seed(1))
+    tokens = patchify(frames, 4)  # [B, V*T*h*w, C*p*p]
+    assert tokens.shape == (2, 3 * 4 * 2 * 3, 48)
+    assert torch.equal(unpatchify(tokens, 3, 4, 8, 12, 4), frames)
+    v, t, y, x = 2, 1, 1, 2
+    index = ((v * 4 + t) * 2 + y) * 3 + x
+    patch = frames[0, v, t, :, 4 * y:4 * y + 4, 4 * x:4 * x + 4].reshape(-1)
+    assert torch.equal(tokens[0, index], patch)
+
+
+@pytest.mark.parametrize("attention", VARIANTS)
+def test_forward_shapes_for_every_attention_variant(attention):
+    torch.manual_seed(0)
+    model = randomize(VideoDiT(debug_config(attention=attention)))
+    inputs = grid_inputs(B=2)
+    out = model(**inputs)
+    assert out.shape == inputs["x"].shape
+    assert torch.isfinite(out).all()
+
+
+def test_forward_with_rays_and_cross_attention():
+    torch.manual_seed(0)
+    config = debug_config(use_camera_rays=True, cross_attention=True, context_dim=12)
+    model = randomize(VideoDiT(config))
+    inputs = grid_inputs(B=2)
+    generator = torch.Generator().manual_seed(5)
+    rays = torch.randn(2, 3, 4, 6, 16, 16, generator=generator)
+    context = torch.randn(2, 7, 12, generator=generator)
+    out = model(**inputs, rays=rays, context=context)
+    assert out.shape == inputs["x"].shape
+    other = model(**inputs, rays=rays + 1, context=context)
+    assert not torch.allclose(out, other)
+
+
+def test_fresh_model_predicts_zero_velocity():
+    torch.manual_seed(0)
+    out = VideoDiT(debug_config())(**grid_inputs())
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize(("attention", "isolated"), [
+    ("fused", True), ("parallel", True), ("full", False), ("sequential", False)])
+def test_one_block_sees_only_its_view_and_timestep(attention, isolated):
+    torch.manual_seed(0)
+    model = randomize(VideoDiT(debug_config(attention=attention, depth=1)))
+    inputs = grid_inputs()
+    base = model(**inputs)
+    far = dict(inputs, x=inputs["x"].clone())
+    far["x"][0, 2, 3] += 1.0  # cell (v=2, t=3): neither view 1 nor timestep 1
+    changed = (model(**far) - base).abs().amax(dim=(3, 4, 5))[0]  # [V, T]
+    assert changed[2, 3] > 1e-3
+    assert changed[2, 1] > 1e-3 and changed[1, 3] > 1e-3  # same timestep / same view
+    if isolated:
+        assert changed[1, 1] == 0
+    else:
+        assert changed[1, 1] > 1e-3
+
+
+def test_given_frames_are_read_only_in_given_cells():
+    torch.manual_seed(0)
+    model = randomize(VideoDiT(debug_config()))
+    inputs = grid_inputs()
+    base = model(**inputs)
+    free_edit = dict(inputs, cond_frames=inputs["cond_frames"].clone())
+    free_edit["cond_frames"][0, 1, 1] += 5.0  # not a given cell
+    assert torch.equal(model(**free_edit), base)
+    given_edit = dict(inputs, cond_frames=inputs["cond_frames"].clone())
+    given_edit["cond_frames"][0, 0, 2] += 5.0  # a given cell
+    assert not torch.allclose(model(**given_edit), base)
+    dropped = model(**inputs, drop_conditioning=True)
+    assert torch.equal(model(**given_edit, drop_conditioning=True), dropped)
+    assert not torch.allclose(dropped, base)
+
+
+def test_drop_conditioning_is_per_sample():
+    torch.manual_seed(0)
+    model = randomize(VideoDiT(debug_config()))
+    inputs = grid_inputs(B=2)
+    drop = torch.tensor([False, True])
+    mixed = model(**inputs, drop_conditioning=drop)
+    assert torch.allclose(mixed[0], model(**inputs)[0], atol=1e-5)
+    assert torch.allclose(mixed[1], model(**inputs, drop_conditioning=True)[1], atol=1e-5)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"x": torch.zeros(1, 3, 4, 1, 16, 16)}, "channels"),
+    ({"cell_mask": torch.zeros(1, 3, 4)}, "cell_mask"),
+    ({"s": torch.zeros(2)}, "s must have shape"),
+    ({"x": torch.zeros(1, 3, 5, 3, 16, 16), "cond_frames": torch.zeros(1, 3, 5, 3, 16, 16),
+      "cell_mask": torch.zeros(1, 3, 5, dtype=torch.bool)}, "t_max"),
+    ({"x": torch.zeros(1, 3, 4, 3, 16, 18)}, "divisible"),
+    ({"rays": torch.zeros(1, 3, 4, 6, 16, 16)}, "without camera rays"),
+    ({"context": torch.zeros(1, 2, 8)}, "no cross-attention"),
+])
+def test_forward_rejects_bad_inputs(change, message):
+    model = VideoDiT(debug_config())
+    with pytest.raises(ValueError, match=message):
+        model(**{**grid_inputs(), **change})
+
+
+# ---------------------------------------------------------------- loss
+
+
+class CellwiseModel(nn.Module):
+    """A stand-in velocity model whose output at a cell depends on that cell only."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x, s, cond_frames, cell_mask, rays=None, context=None,
+                drop_conditioning=None):
+        return self.scale * x + cond_frames
+
+
+def test_loss_ignores_given_cells():
+    model = CellwiseModel()
+    z = torch.randn(1, 3, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 3, 4, dtype=torch.bool)
+    mask[0, 0] = True
+
+    def loss_of(grid: Tensor) -> Tensor:
+        generator = torch.Generator().manual_seed(1)
+        return rectified_flow_loss(model, grid, mask, generator=generator, cfg_dropout=0.0)
+
+    base = loss_of(z)
+    given_edit = z.clone()
+    given_edit[0, 0, 2] += 3.0
+    assert torch.equal(loss_of(given_edit), base)
+    free_edit = z.clone()
+    free_edit[0, 1, 2] += 3.0
+    assert not torch.equal(loss_of(free_edit), base)
+
+
+def test_masked_mse_averages_free_cells_only():
+    prediction = torch.zeros(1, 2, 2, 1, 2, 2)
+    target = torch.zeros(1, 2, 2, 1, 2, 2)
+    target[0, 0, 0] = 100.0  # given: ignored
+    target[0, 1, 1] = 3.0  # free: error 9 on one of three free cells
+    mask = torch.zeros(1, 2, 2, dtype=torch.bool)
+    mask[0, 0, 0] = True
+    assert masked_cell_mse(prediction, target, mask).item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="every cell"):
+        masked_cell_mse(prediction, target, torch.ones(1, 2, 2, dtype=torch.bool))
+
+
+def test_loss_matches_rectified_flow_definition_and_trains_the_model():
+    torch.manual_seed(0)
+    model = randomize(VideoDiT(debug_config()), std=0.05)
+    z = blob_grid(V=3)
+    mask = grid_inputs()["cell_mask"]
+    s = torch.tensor([0.3])
+    loss = rectified_flow_loss(model, z, mask, generator=torch.Generator().manual_seed(2), s=s)
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(2))
+    prediction = model((1 - 0.3) * z + 0.3 * eps, s, z, mask)
+    assert loss.item() == pytest.approx(masked_cell_mse(prediction, eps - z, mask).item(),
+                                        rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def sampler_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = randomize(VideoDiT(debug_config()), std=0.1).eval()
+    inputs = grid_inputs()
+    return model, inputs["cond_frames"], inputs["cell_mask"]
+
+
+def test_sampler_clamps_given_cells_and_is_deterministic():
+    model, cond, mask = sampler_setup()
+    sampler = EulerSampler(steps=4)
+    out = sampler.sample(model, cond, mask, generator=torch.Generator().manual_seed(3))
+    assert out.shape == cond.shape
+    assert torch.equal(out[mask], cond[mask])
+    assert not torch.allclose(out[~mask], cond[~mask])
+    again = sampler.sample(model, cond, mask, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+    other = sampler.sample(model, cond, mask, generator=torch.Generator().manual_seed(4))
+    assert not torch.allclose(out, other)
+
+
+def test_sampler_progress_and_cancel():
+    model, cond, mask = sampler_setup()
+    calls = []
+    EulerSampler(steps=5).sample(model, cond, mask, progress=lambda i, n: calls.append((i, n)))
+    assert calls == [(i, 5) for i in range(1, 6)]
+    checks = []
+
+    def cancel_on_third_check() -> bool:
+        checks.append(1)
+        return len(checks) == 3
+
+    with pytest.raises(SamplingCancelled):
+        EulerSampler(steps=5).sample(model, cond, mask, should_cancel=cancel_on_third_check)
+    assert len(checks) == 3
+
+
+def test_sampler_guidance_changes_the_result():
+    model, cond, mask = sampler_setup()
+    plain = EulerSampler(steps=3).sample(model, cond, mask,
+                                         generator=torch.Generator().manual_seed(0))
+    guided = EulerSampler(steps=3, guidance=3.0).sample(
+        model, cond, mask, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(guided).all()
+    assert torch.equal(guided[mask], cond[mask])
+    assert not torch.allclose(plain, guided)
+
+
+def test_sampler_schedule_runs_from_noise_to_data():
+    for shift in (1.0, 3.0):
+        times = EulerSampler(steps=8, shift=shift).schedule()
+        assert times[0] == 1.0 and times[-1] == 0.0
+        assert (times[1:] < times[:-1]).all()
+    assert EulerSampler(steps=8, shift=3.0).schedule()[4] > 0.5
+    with pytest.raises(ValueError, match="steps"):
+        EulerSampler(steps=0)
+
+
+def test_sampler_with_exact_velocity_recovers_the_data():
+    """With the true velocity of a single data point, Euler integration lands on it."""
+    z = blob_grid()
+    mask = torch.zeros(1, 2, 4, dtype=torch.bool)
+    mask[0, 0] = True
+
+    class Oracle(nn.Module):
+        def forward(self, x, s, cond_frames, cell_mask, **kwargs):
+            return (x - z) / s.clamp(min=1e-6).reshape(-1, 1, 1, 1, 1, 1)
+
+    out = EulerSampler(steps=6).sample(Oracle(), z, mask,
+                                       generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, z, atol=1e-5)
+
+
+# ---------------------------------------------------------------- overfitting
+
+
+def overfit(config: DiffusionConfig, steps: int, lr: float, V: int, T: int, size: int
+            ) -> tuple[float, float]:
+    """Train on one blob grid; return the fixed-noise loss before and after."""
+    torch.manual_seed(0)
+    model = VideoDiT(config)
+    z = blob_grid(V=V, T=T, H=size, W=size)
+    mask = torch.zeros(1, V, T, dtype=torch.bool)
+    mask[0, 0] = True
+    s_eval = torch.linspace(0.15, 0.85, 6)
+
+    def evaluation_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(123)
+            losses = [rectified_flow_loss(model, z, mask, generator=generator, s=s[None])
+                      for s in s_eval]
+        model.train()
+        return float(torch.stack(losses).mean())
+
+    before = evaluation_loss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        loss = rectified_flow_loss(model, z, mask, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return before, evaluation_loss()
+
+
+def test_debug_model_overfits_one_grid_quickly():
+    before, after = overfit(debug_config(width=64, num_heads=2), steps=100, lr=2e-3, V=2, T=4,
+                            size=16)
+    print(f"overfit (fast): loss {before:.4f} -> {after:.4f}")
+    assert after < before / 3
+
+
+@pytest.mark.slow
+def test_small_model_overfits_one_grid_tenfold():
+    config = debug_config(width=96, num_heads=3, depth=4, patch_size=4, image_size=(32, 32),
+                          t_max=8)
+    before, after = overfit(config, steps=400, lr=1e-3, V=2, T=4, size=32)
+    print(f"overfit (slow): loss {before:.4f} -> {after:.4f}")
+    assert after < before / 10
