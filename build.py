@@ -5,6 +5,8 @@
     python3 build.py test [ARGS...]   set up if needed, then run pytest (not slow, not gpu)
     python3 build.py serve [ARGS...]  run the backend server (see `serve --help`)
     python3 build.py bench NAME ...   run a benchmark (`bench --help` lists them)
+    python3 build.py train [--nproc N] diffusion|recon ...   train a model (torchrun when N > 1)
+    python3 build.py eval diffusion|recon|all ...            evaluate trained weights
     python3 build.py addon            build the Blender extension zip dist/fourreal_4d-<version>.zip
 
 Standard library only: it runs on a bare Python 3.11 and sets up everything else itself.
@@ -229,6 +231,21 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return run_in_venv(["-m", "backend", "serve", *extra])
 
 
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    """`train [--nproc N] diffusion|recon ...`: one process, or N under torchrun."""
+    nproc = 1
+    if extra[:1] == ["--nproc"] and len(extra) > 1:
+        nproc, extra = int(extra[1]), extra[2:]
+    if nproc > 1:
+        return run_in_venv(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                            "-m", "backend.train", *extra])
+    return run_in_venv(["-m", "backend.train", *extra])
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    return run_in_venv(["-m", "backend.train", "eval", *extra])
+
+
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     return run_in_venv(["-m", "backend.bench", *extra])
 
@@ -357,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                    "runs the add-on tests against Blender 4.2 and 5.2)", add_help=False)
     sub.add_parser("serve", help="run the backend server (extra args go to the server)",
                    add_help=False)
+    sub.add_parser("train", help="train a model: train [--nproc N] diffusion|recon [options]",
+                   add_help=False)
+    sub.add_parser("eval", help="evaluate: eval diffusion|recon|all --weights DIR ...",
+                   add_help=False)
     sub.add_parser("bench", help="run a benchmark: bench transfer [--json PATH]", add_help=False)
     p_addon = sub.add_parser("addon", help="build the Blender extension zip into dist/")
     p_addon.add_argument("--output", default=str(ROOT / "dist"), help="folder for the zip")
@@ -374,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return cmd_setup(args)
-    handler = {"test": cmd_test, "serve": cmd_serve, "bench": cmd_bench}[args.command]
+    handler = {"test": cmd_test, "serve": cmd_serve, "bench": cmd_bench, "train": cmd_train,
+               "eval": cmd_eval}[args.command]
     return handler(args, extra)
 
 
