@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from backend.diffusion.attention import (
     decomposed_view_time_attention,
     flex_available,
+    flex_block_size,
     full_attention,
     fused_view_time_attention,
     select_implementation,
@@ -101,9 +102,11 @@ def test_decomposed_gradients_float32():
     q, k, v = _qkv(B, nh, V, T, P, seed=3, requires_grad=True)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
     expected = torch.autograd.grad(_reference(q, k, v, V, T), (q, k, v), grad_out)
+    before = [t.detach().clone() for t in (q, k, v)]
     out = fused_view_time_attention(q, k, v, V, T, impl="decomposed")
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), expected, strict=True):
         assert (got - want).abs().max().item() < 1e-4
+    assert all(torch.equal(t, b) for t, b in zip((q, k, v), before, strict=True))
 
 
 def test_decomposed_is_exact_when_the_norm_bound_is_loose_or_scores_are_large():
@@ -146,18 +149,27 @@ def test_flex_matches_reference(grid):
     assert out.shape == q.shape and error < 1e-5
 
 
-def test_block_mask_is_cached_and_padded():
-    V, T, P = 3, 2, 130  # N = 780: the last 128-block is partly padding
+@pytest.mark.parametrize("grid", [(3, 2, 130), (3, 2, 64)])
+def test_block_mask_is_cached_and_matches_the_pattern(grid):
+    V, T, P = grid  # N = 780: the last block is partly padding; P = 64: 64-token blocks
     block_mask = view_time_block_mask(V, T, P, "cpu")
     assert view_time_block_mask(V, T, P, "cpu") is block_mask
     assert view_time_block_mask(V, T, P + 1, "cpu") is not block_mask
     assert block_mask.seq_lengths == (V * T * P, V * T * P)
+    block = flex_block_size(P, "cpu")
+    assert tuple(block_mask.BLOCK_SIZE) == (block, block)
     dense = block_mask.to_dense()[0, 0]  # [Nq blocks, Nkv blocks], 1 = block visited
     expected = view_time_mask(V, T, P)
-    padded = torch.zeros(dense.shape[0] * 128, dense.shape[1] * 128, dtype=torch.bool)
+    padded = torch.zeros(dense.shape[0] * block, dense.shape[1] * block, dtype=torch.bool)
     padded[:expected.shape[0], :expected.shape[1]] = expected
-    any_allowed = padded.reshape(dense.shape[0], 128, dense.shape[1], 128).any(3).any(1)
+    any_allowed = padded.reshape(dense.shape[0], block, dense.shape[1], block).any(3).any(1)
     assert torch.equal(dense.bool(), any_allowed)
+
+
+def test_flex_block_size_follows_the_frame_on_cpu():
+    assert [flex_block_size(P, "cpu") for P in (64, 96, 128, 130, 256, 16)] == [
+        64, 32, 128, 128, 128, 128]
+    assert flex_block_size(64, "cuda") == 128
 
 
 def test_auto_picks_flex_without_grad_and_decomposed_with_grad():

@@ -1,6 +1,7 @@
 """Benchmark fused view-time attention kernels against full and dense-masked attention.
 
-`python -m backend.bench attention [--json PATH] [--quick] [--device cpu|cuda] [--repeats R]`
+`python -m backend.bench attention [--json PATH] [--quick] [--device cpu|cuda] [--repeats R]
+[--threads T]`
 
 For each grid V x T and tokens per frame P (4 heads of 64, B=1, float32) it times, in one
 process and with repeats interleaved between implementations: flex (forward), decomposed
@@ -183,16 +184,18 @@ def time_shape(V: int, T: int, P: int, config: AttentionBenchConfig,
             wall[name].append(wall_s)
             cpu[name].append(cpu_s)
     times = {name: statistics.median(values) for name, values in wall.items()}
+    cpu_times = {name: statistics.median(values) for name, values in cpu.items()}
     fastest = min((name for name in EXACT if name in times), key=times.__getitem__)
+    fastest_cpu = min((name for name in EXACT if name in times), key=cpu_times.__getitem__)
     speedup = times["full_fwd"] / times[fastest]
     ideal = V * T / (V + T - 1)
     return {
         "views": V, "steps": T, "tokens_per_frame": P, "tokens": V * T * P,
-        "times_s": times,
-        "cpu_times_s": {name: statistics.median(values) for name, values in cpu.items()},
+        "times_s": times, "cpu_times_s": cpu_times,
         "fastest_exact": fastest.removesuffix("_fwd"),
         "speedup_vs_full": speedup, "ideal_speedup": ideal,
         "fraction_of_ideal": speedup / ideal,
+        "speedup_vs_full_cpu_time": cpu_times["full_fwd"] / cpu_times[fastest_cpu],
         "max_abs_err": errors, "error_baseline": error_baseline, "notes": notes,
     }
 
@@ -220,11 +223,12 @@ def _format_row(result: dict) -> str:
     worst = max(errors.values()) if errors else float("nan")
     return (f"{_grid_name(result):>10} {result['tokens']:>6} {' '.join(cells)} "
             f"{result['speedup_vs_full']:7.2f}x {result['ideal_speedup']:6.2f}x "
-            f"{100 * result['fraction_of_ideal']:5.0f}% {worst:9.1e}")
+            f"{100 * result['fraction_of_ideal']:5.0f}% "
+            f"{result['speedup_vs_full_cpu_time']:7.2f}x {worst:9.1e}")
 
 
 HEADER = (f"{'V x T x P':>10} {'N':>6} {'flex':>9} {'decomp':>9} {'dec f+b':>9} {'ref':>9} "
-          f"{'full':>9} {'speedup':>8} {'ideal':>7} {'frac':>6} {'max err':>9}")
+          f"{'full':>9} {'speedup':>8} {'ideal':>7} {'frac':>6} {'cpu-spd':>8} {'max err':>9}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,11 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smallest shape only (smoke test)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=AttentionBenchConfig.repeats)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda given but CUDA is not available")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     config = AttentionBenchConfig(repeats=args.repeats)
     if args.quick:
         config.grids, config.tokens_per_frame = config.grids[:1], config.tokens_per_frame[:1]

@@ -37,7 +37,8 @@ IMPLEMENTATIONS = ("auto", "flex", "decomposed", "reference")
 class ViewTimeAttentionConfig:
     """Tuning of the fused view-time attention kernels."""
 
-    flex_block_size: int = 128  # FlexAttention sparse block, in tokens
+    flex_block_size: int = 128  # FlexAttention sparse block, in tokens (CPU: see below)
+    flex_min_cpu_block_size: int = 32  # on the CPU a block may shrink to a frame, down to this
     eager_block_mask_max_tokens: int = 8192  # above this N the block mask is built compiled
     block_mask_cache_size: int = 32  # cached block masks, least recently used dropped
     flex_max_compiled_shapes: int = 64  # compiled flex kernels kept (one per grid shape)
@@ -186,6 +187,19 @@ def _view_time_mask_mod(num_steps: int, tokens_per_frame: int, num_tokens: int, 
     return mask_mod
 
 
+def flex_block_size(tokens_per_frame: int, device) -> int:
+    """Sparse block size. The CPU kernel computes whole blocks, so there a block shrinks to
+    the largest power of two dividing P (down to `flex_min_cpu_block_size`) and no block
+    mixes frames; CUDA keeps `flex_block_size`, which its kernels' tiles require."""
+    size = CONFIG.flex_block_size
+    if torch.device(device).type == "cpu":
+        while size > CONFIG.flex_min_cpu_block_size and tokens_per_frame % size:
+            size //= 2
+        if tokens_per_frame % size:
+            size = CONFIG.flex_block_size
+    return size
+
+
 def view_time_block_mask(num_views: int, num_steps: int, tokens_per_frame: int, device):
     """FlexAttention BlockMask of the fused view-time pattern, cached per (V, T, P, N, device)."""
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
@@ -205,12 +219,12 @@ def view_time_block_mask(num_views: int, num_steps: int, tokens_per_frame: int, 
                 _compiled_block_mask_builder = torch.compile(create_block_mask, dynamic=True)
             build = _compiled_block_mask_builder
         sizes = (num_steps, tokens_per_frame, n_tokens)
+        block = flex_block_size(tokens_per_frame, device)
         built = build(_view_time_mask_mod(*sizes, lambda n: torch.tensor(n, device=device)),
-                      None, None, n_tokens, n_tokens, device=device,
-                      BLOCK_SIZE=CONFIG.flex_block_size)
+                      None, None, n_tokens, n_tokens, device=device, BLOCK_SIZE=block)
         block_mask = BlockMask.from_kv_blocks(
             built.kv_num_blocks, built.kv_indices, built.full_kv_num_blocks,
-            built.full_kv_indices, BLOCK_SIZE=CONFIG.flex_block_size,
+            built.full_kv_indices, BLOCK_SIZE=block,
             mask_mod=_view_time_mask_mod(*sizes, int), seq_lengths=(n_tokens, n_tokens))
         _block_mask_cache[key] = block_mask
         while len(_block_mask_cache) > CONFIG.block_mask_cache_size:
@@ -245,7 +259,10 @@ def flex_view_time_attention(
         raise ValueError("FlexAttention has no backward on the CPU; use impl='decomposed' "
                          "(or 'auto', which picks it when gradients are needed)")
     block_mask = view_time_block_mask(num_views, num_steps, P, q.device)
-    with torch._dynamo.config.patch(recompile_limit=CONFIG.flex_max_compiled_shapes):
+    dynamo_config = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else (
+        "cache_size_limit")  # the older name
+    with dynamo_config.patch(**{limit_name: CONFIG.flex_max_compiled_shapes}):
         return _flex_kernel()(q, k, v, block_mask=block_mask,
                               scale=1.0 / math.sqrt(q.shape[-1]))
 
@@ -291,8 +308,8 @@ def _layout(q: Tensor, k: Tensor, v: Tensor, V: int, T: int, P: int) -> _GridLay
         return torch.cat([x.transpose(1, 2), x.transpose(1, 2)], dim=2)
 
     k_ext, v_ext = extended(k), extended(v)
-    q_scaled = q.to(compute).reshape(G, V, T, P, hd).transpose(0, 1).contiguous()
-    q_scaled.mul_(1.0 / math.sqrt(hd))
+    q_by_view = q.to(compute).reshape(G, V, T, P, hd).transpose(0, 1).contiguous()
+    q_scaled = q_by_view * (1.0 / math.sqrt(hd))  # a new tensor: q itself stays untouched
     return _GridLayout(q_scaled=q_scaled, k_view=by_view(k_ext), v_view=by_view(v_ext),
                        k_steps=doubled_by_step(k_ext), v_steps=doubled_by_step(v_ext))
 
