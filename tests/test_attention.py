@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backend.diffusion import attention
 from backend.diffusion.attention import (
     decomposed_view_time_attention,
     flex_available,
@@ -194,6 +195,26 @@ def test_auto_with_grad_on_cpu_is_exact_and_differentiable():
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@pytest.mark.skipif(not flex_available("cpu"), reason="no C++ compiler for compiled flex")
+def test_auto_falls_back_when_flex_fails(monkeypatch):
+    def broken_kernel():
+        def fail(*args, **kwargs):
+            raise RuntimeError("compiler exploded")
+        return fail
+
+    monkeypatch.setattr(attention, "_flex_kernel", broken_kernel)
+    monkeypatch.setattr(attention, "_flex_failed_device_types", set())
+    V, T = GRIDS[0][2:4]
+    q, k, v = _qkv(*GRIDS[0], seed=13)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="compiler exploded"):
+        out = fused_view_time_attention(q, k, v, V, T)
+    assert (out - _reference(q, k, v, V, T)).abs().max().item() < 1e-5
+    with torch.no_grad():
+        assert select_implementation(q, k, v, "auto") == "decomposed"
+    with torch.no_grad(), pytest.raises(ValueError, match="not available"):
+        fused_view_time_attention(q, k, v, V, T, impl="flex")
+
+
 def test_flex_with_grad_on_cpu_raises():
     q, k, v = _qkv(*GRIDS[0], requires_grad=True)
     with pytest.raises(ValueError, match="no backward on the CPU"):
@@ -252,7 +273,7 @@ def test_fused_differs_from_view_and_time_alone():
 ])
 def test_bad_input_raises(shape, views, steps, message):
     x = torch.zeros(shape)
-    for impl in ("reference", "decomposed"):
+    for impl in ("reference", "decomposed", "auto"):
         with pytest.raises(ValueError, match=message):
             fused_view_time_attention(x, x, x, views, steps, impl=impl)
 

@@ -13,7 +13,7 @@ t == t', all in one softmax. Implementations of `fused_view_time_attention`:
   the score tensors stay within a memory budget; the backward pass recomputes the
   probabilities from the saved log-sum-exp.
 - ``auto``: ``flex`` when no gradient is needed and FlexAttention runs on the device,
-  else ``decomposed``.
+  else ``decomposed`` (also after flex has failed to compile on that device type).
 
 The softmax scale is 1/sqrt(hd) everywhere.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import shutil
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -160,11 +161,14 @@ _flex_lock = threading.Lock()
 _compiled_flex = None
 _compiled_block_mask_builder = None
 _block_mask_cache: OrderedDict = OrderedDict()
+_flex_failed_device_types: set[str] = set()  # where compiling flex failed under impl='auto'
 
 
 def flex_available(device: torch.device | str) -> bool:
     """Whether compiled FlexAttention can run forward on `device` (CPU needs a C++ compiler)."""
     device_type = torch.device(device).type
+    if device_type in _flex_failed_device_types:
+        return False
     if device_type == "cuda":
         return torch.cuda.is_available()
     if device_type == "cpu":
@@ -254,7 +258,8 @@ def flex_view_time_attention(
     """Fused view-time attention with compiled FlexAttention and a block-sparse mask."""
     P = _grid_tokens_per_frame(q, k, v, num_views, num_steps)
     if not flex_available(q.device):
-        raise ValueError(f"FlexAttention is not available on device {q.device}")
+        raise ValueError(f"FlexAttention is not available on device {q.device} (no CUDA or "
+                         "C++ compiler, or it failed before)")
     if q.device.type != "cuda" and _needs_grad(q, k, v):
         raise ValueError("FlexAttention has no backward on the CPU; use impl='decomposed' "
                          "(or 'auto', which picks it when gradients are needed)")
@@ -523,7 +528,9 @@ def decomposed_view_time_attention(
 
 def select_implementation(q: Tensor, k: Tensor, v: Tensor, impl: str = "auto") -> str:
     """Resolve `impl`: 'auto' is 'flex' when no gradient is needed (grad mode off or no input
-    requires grad) and FlexAttention runs on the device, else 'decomposed'."""
+    requires grad) and FlexAttention runs on the device, else 'decomposed'. If flex fails
+    under 'auto' (say, the compiler breaks), 'auto' warns once and uses 'decomposed' on that
+    device type from then on."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl != "auto":
@@ -543,7 +550,16 @@ def fused_view_time_attention(
 ) -> Tensor:  # [B, nh, N, hd]
     """One softmax over the keys of the same view or the same timestep (see module docstring
     for the implementations and what 'auto' picks)."""
+    _grid_tokens_per_frame(q, k, v, num_views, num_steps)
     chosen = select_implementation(q, k, v, impl)
+    if chosen == "flex" and impl == "auto":
+        try:
+            return flex_view_time_attention(q, k, v, num_views, num_steps)
+        except Exception as error:  # compilation failures surface as many exception types
+            _flex_failed_device_types.add(q.device.type)
+            warnings.warn(f"FlexAttention failed on {q.device.type} ({error!r}); using the "
+                          "decomposed kernel there from now on", RuntimeWarning, stacklevel=2)
+            chosen = "decomposed"
     if chosen == "flex":
         return flex_view_time_attention(q, k, v, num_views, num_steps)
     if chosen == "decomposed":
