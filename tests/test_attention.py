@@ -29,14 +29,7 @@ EDGE_GRIDS = [(1, 1, 1, 3, 4), (1, 2, 3, 1, 7)]  # one view; one timestep
 HEAD_DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """The tensors here are tiny: one intra-op thread avoids paying a thread wake-up on each
-    of the many small ops, which dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _qkv(B, nh, V, T, P, dtype=torch.float32, seed=0, requires_grad=False):

@@ -26,13 +26,7 @@ from backend.recon.heads import camera_to_pose_encoding, relative_to_reference
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are small: one thread avoids OpenMP stalls when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_ssim_of_identical_images_is_one_and_noise_lowers_it():

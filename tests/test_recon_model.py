@@ -25,13 +25,7 @@ from backend.weights import count_parameters, load_pretrained, save_pretrained
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are small: one thread avoids OpenMP stalls when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def debug_config(**overrides) -> ReconConfig:

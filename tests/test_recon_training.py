@@ -11,13 +11,7 @@ from backend.recon import ReconConfig, ReconModel, psnr, reconstruction_loss
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are small: one thread avoids OpenMP stalls when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fit_one_sample(num_views: int, num_steps: int, steps: int, lr: float, warmup: float
