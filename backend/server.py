@@ -21,14 +21,14 @@ from typing import Any
 import zmq
 
 import backend
-from backend import job_kinds, protocol  # job_kinds registers the built-in kinds
+from backend import generate_jobs, job_kinds, protocol  # these register the job kinds
 from backend.cache import ResultCache
 from backend.jobs import JOB_KINDS, Job, ModelStore, Worker
 
 log = logging.getLogger("backend.server")
 
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
-assert job_kinds  # imported for its registrations
+assert job_kinds and generate_jobs  # imported for their registrations
 
 
 @dataclass

@@ -9,7 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from backend.diffusion.config import DiffusionConfig
-from backend.diffusion.losses import masked_cell_mse, rectified_flow_loss
+from backend.diffusion.losses import (
+    masked_cell_mse,
+    rectified_flow_loss,
+    sample_diffusion_time,
+)
 from backend.diffusion.model import VideoDiT, patchify, unpatchify
 from backend.diffusion.sampler import EulerSampler, SamplingCancelled
 from backend.weights import count_parameters
@@ -395,3 +399,16 @@ def test_small_model_overfits_one_grid_tenfold():
     before, after = overfit(config, steps=400, lr=1e-3, V=2, T=4, size=32)
     print(f"overfit (slow): loss {before:.4f} -> {after:.4f}")
     assert after < before / 10
+
+
+def test_training_times_shift_towards_noise_and_hit_pure_noise():
+    generator = torch.Generator().manual_seed(0)
+    plain = sample_diffusion_time(4000, generator=generator)
+    shifted = sample_diffusion_time(4000, generator=generator, shift=3.0)
+    assert 0.45 < float(plain.median()) < 0.55
+    assert 0.70 < float(shifted.median()) < 0.80  # 3 * 0.5 / (1 + 2 * 0.5) = 0.75
+    mixed = sample_diffusion_time(4000, generator=generator, terminal_fraction=0.3)
+    assert 0.27 < float((mixed == 1.0).float().mean()) < 0.33
+    assert float(mixed.min()) > 0.0
+    with pytest.raises(ValueError, match="terminal_fraction"):
+        sample_diffusion_time(4, terminal_fraction=1.5)

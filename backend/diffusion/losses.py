@@ -17,8 +17,18 @@ TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
 
 def sample_diffusion_time(batch: int, distribution: str = "logit_normal",
                           generator: torch.Generator | None = None,
-                          device: torch.device | str = "cpu") -> Tensor:
-    """Diffusion times in (0, 1): [B]."""
+                          device: torch.device | str = "cpu", shift: float = 1.0,
+                          terminal_fraction: float = 0.0) -> Tensor:
+    """Diffusion times in (0, 1]: [B].
+
+    `shift` > 1 moves the draws towards pure noise with the sampler's time shift
+    s -> shift s / (1 + (shift - 1) s); `terminal_fraction` of the draws are exactly 1 (pure
+    noise), the only time a one-step sampler ever evaluates - small models sampled with
+    one to four steps need that end of the schedule trained most.
+    """
+    if not shift > 0 or not 0.0 <= terminal_fraction <= 1.0:
+        raise ValueError(f"time shift must be > 0 and terminal_fraction in [0, 1], got "
+                         f"{shift} and {terminal_fraction}")
     gen_device = generator.device if generator is not None else device
     if distribution == "logit_normal":
         s = torch.sigmoid(torch.randn(batch, generator=generator, device=gen_device))
@@ -27,6 +37,10 @@ def sample_diffusion_time(batch: int, distribution: str = "logit_normal",
     else:
         raise ValueError(f"time distribution must be one of {TIME_DISTRIBUTIONS}, "
                          f"got {distribution!r}")
+    s = shift * s / (1.0 + (shift - 1.0) * s)
+    if terminal_fraction > 0:
+        terminal = torch.rand(batch, generator=generator, device=gen_device) < terminal_fraction
+        s = torch.where(terminal, torch.ones_like(s), s)
     return s.to(device)
 
 
@@ -46,12 +60,14 @@ def rectified_flow_loss(model: nn.Module, z: Tensor, cell_mask: Tensor,
                         rays: Tensor | None = None, generator: torch.Generator | None = None,
                         s: Tensor | None = None, context: Tensor | None = None,
                         time_distribution: str = "logit_normal",
-                        cfg_dropout: float | None = None) -> Tensor:
+                        cfg_dropout: float | None = None, time_shift: float = 1.0,
+                        terminal_fraction: float = 0.0) -> Tensor:
     """Rectified-flow loss of `model` on clean grids z.
 
     z: [B, V, T, C, H, W] clean frames (also the given frames where cell_mask is True);
     cell_mask: [B, V, T] bool; rays: [B, V, T, 6, H, W]; s: [B] diffusion times, drawn
-    from `time_distribution` when None; context: [B, L, Dc].
+    from `time_distribution` (with `time_shift` and `terminal_fraction`, see
+    `sample_diffusion_time`) when None; context: [B, L, Dc].
     cfg_dropout: probability of the unconditional branch per sample while model.training;
     None reads `model.config.cfg_dropout`.
     """
@@ -63,7 +79,8 @@ def rectified_flow_loss(model: nn.Module, z: Tensor, cell_mask: Tensor,
     B = z.shape[0]
     gen_device = generator.device if generator is not None else z.device
     if s is None:
-        s = sample_diffusion_time(B, time_distribution, generator, z.device)
+        s = sample_diffusion_time(B, time_distribution, generator, z.device, time_shift,
+                                  terminal_fraction)
     if tuple(s.shape) != (B,):
         raise ValueError(f"s must have shape [{B}], got {tuple(s.shape)}")
     eps = torch.randn(z.shape, generator=generator, device=gen_device,

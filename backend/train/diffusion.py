@@ -58,6 +58,8 @@ class DiffusionTrainConfig(TrainLoopConfig):
     mask_weights: dict[str, float] = field(default_factory=_default_mask_weights)
     random_given_fraction: float = 0.3
     time_distribution: str = "logit_normal"
+    time_shift: float = 1.0
+    terminal_fraction: float = 0.0
     gradient_checkpointing: bool = False
     output_dir: str = "out/train/diffusion"
 
@@ -75,6 +77,10 @@ class DiffusionTrainConfig(TrainLoopConfig):
         if self.time_distribution not in TIME_DISTRIBUTIONS:
             raise ValueError(f"DiffusionTrainConfig.time_distribution: expected one of "
                              f"{TIME_DISTRIBUTIONS}, got {self.time_distribution!r}")
+        if not self.time_shift > 0 or not 0 <= self.terminal_fraction <= 1:
+            raise ValueError(f"DiffusionTrainConfig: time_shift must be > 0 and "
+                             f"terminal_fraction in [0, 1], got {self.time_shift} and "
+                             f"{self.terminal_fraction}")
         if self.data.num_views < 2 or self.data.num_steps < 2:
             raise ValueError("DiffusionTrainConfig.data: the mask settings need at least 2 "
                              "views and 2 timesteps")
@@ -149,6 +155,8 @@ def diffusion_loss(model: nn.Module, batch: dict[str, Tensor], step: int,
     z = frames * 2.0 - 1.0
     loss = rectified_flow_loss(model, z, cell_mask, rays=rays, generator=generator,
                                time_distribution=config.time_distribution,
+                               time_shift=config.time_shift,
+                               terminal_fraction=config.terminal_fraction,
                                cfg_dropout=model_config.cfg_dropout)
     return loss, {"given_fraction": cell_mask.float().mean()}
 

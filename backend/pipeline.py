@@ -1,0 +1,284 @@
+"""The product's main path: an input video and a camera rig -> a V x T grid -> Gaussians.
+
+    video (row 0) [+ freeze-time column] + rig
+      -> resize to the diffusion model's frame size (intrinsics scaled to match)
+      -> rig normalised to the scale the models were trained at
+      -> diffusion sampling fills the grid (progress per step, cancellable)
+      -> the grid resized to the reconstruction model's frame size
+      -> feed-forward reconstruction: Gaussians per timestep
+      -> optional per-scene refinement against the grid
+      -> Gaussians mapped back to the user's world (means and scales)
+
+The shipped models saw scenes whose cameras stand `NOMINAL_CAMERA_DISTANCE` units from the
+point they look at. A user's rig can be at any scale and anywhere, so it is moved and scaled
+to that setting first (the point closest to every camera's optical axis goes to the origin)
+and the Gaussians are mapped back afterwards; only distances change, never directions, so
+the images and the frames the rig sees are untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backend.cameras import scale_intrinsics
+from backend.gaussians import Gaussians, GaussianSequence
+
+NOMINAL_CAMERA_DISTANCE = 4.25  # centre of DataConfig.camera_distance's default range
+DIFFUSION_CLASS, RECON_CLASS = "VideoDiT", "ReconModel"
+
+Progress = Callable[[str, int, int, str], None]  # (stage, step, of, message)
+
+
+class PipelineError(ValueError):
+    """An input the pipeline cannot take; the message says which and why."""
+
+
+# ------------------------------------------------------------------------------ frames
+
+def frames_to_tensor(frames: np.ndarray, size: tuple[int, int]) -> Tensor:
+    """uint8 (or float in [0, 1]) frames [..., H, W, 3] -> float32 [..., 3, h, w] in [0, 1],
+    resampled with antialiasing when the size changes."""
+    array = np.asarray(frames)
+    if array.ndim < 3 or array.shape[-1] != 3:
+        raise PipelineError(f"frames must be [..., H, W, 3], got shape {list(array.shape)}")
+    x = torch.from_numpy(np.ascontiguousarray(array))
+    x = x.float() / 255.0 if array.dtype == np.uint8 else x.float()
+    lead, (H, W) = x.shape[:-3], x.shape[-3:-1]
+    x = x.reshape(-1, H, W, 3).permute(0, 3, 1, 2)  # [N, 3, H, W]
+    if tuple(size) != (H, W):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True,
+                          align_corners=False).clamp(0.0, 1.0)
+    return x.reshape(*lead, 3, *size).contiguous()
+
+
+def tensor_to_uint8(frames: Tensor) -> np.ndarray:  # [..., 3, h, w] in [0, 1] -> [..., h, w, 3]
+    x = (frames.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
+
+# ------------------------------------------------------------------------ normalisation
+
+@dataclass(frozen=True)
+class RigFrame:
+    """world = centre + normalised / scale."""
+
+    centre: np.ndarray  # [3]
+    scale: float
+
+    def to_normalised(self, c2w: np.ndarray) -> np.ndarray:  # [..., 4, 4] -> [..., 4, 4]
+        out = np.array(c2w, dtype=np.float64)
+        out[..., :3, 3] = (out[..., :3, 3] - self.centre) * self.scale
+        return out
+
+    def to_world(self, g: Gaussians) -> Gaussians:
+        return Gaussians(means=g.means / self.scale + self.centre.astype(np.float32),
+                         quats=g.quats, log_scales=g.log_scales - math.log(self.scale),
+                         opacity_logits=g.opacity_logits, sh0=g.sh0, sh_rest=g.sh_rest)
+
+
+def rig_frame(c2w: np.ndarray) -> RigFrame:
+    """The normalisation of a rig c2w [V, T, 4, 4] (OpenCV): its centre is the point nearest
+    to every optical axis (least squares); the scale puts the cameras at the nominal
+    distance on average. Axes that are (nearly) parallel or diverging give no such point:
+    then the centre lies in front of the cameras' mean position, along their mean viewing
+    direction, twice their spread away (at least one unit)."""
+    c2w = np.asarray(c2w, dtype=np.float64).reshape(-1, 4, 4)
+    origins, forward = c2w[:, :3, 3], c2w[:, :3, 2]  # [N, 3] each; OpenCV looks along +z
+    forward = forward / np.linalg.norm(forward, axis=-1, keepdims=True)
+    projectors = np.eye(3)[None] - forward[:, :, None] * forward[:, None, :]  # [N, 3, 3]
+    system = projectors.sum(axis=0)
+    rhs = (projectors @ origins[:, :, None]).sum(axis=0)[:, 0]
+    eigenvalues = np.linalg.eigvalsh(system)
+    if eigenvalues[0] > 1e-3 * len(origins):
+        centre = np.linalg.solve(system, rhs)
+        # a centre behind the cameras means the axes diverge: treat as parallel
+        if np.mean(np.einsum("nk,nk->n", centre - origins, forward)) <= 0:
+            centre = None
+    else:
+        centre = None
+    if centre is None:
+        mean_forward = forward.mean(axis=0)
+        mean_forward /= max(np.linalg.norm(mean_forward), 1e-9)
+        spread = np.linalg.norm(origins - origins.mean(axis=0), axis=-1).mean()
+        centre = origins.mean(axis=0) + mean_forward * max(spread * 2.0, 1.0)
+    distance = float(np.linalg.norm(origins - centre, axis=-1).mean())
+    if not distance > 1e-9:
+        raise PipelineError("the rig's cameras all sit on the point they look at")
+    return RigFrame(centre=centre, scale=NOMINAL_CAMERA_DISTANCE / distance)
+
+
+# ---------------------------------------------------------------------------- the models
+
+def find_model(model_class: str, name: str | None = None) -> tuple[str, Path]:
+    """(name, folder) of a trained model of `model_class`: the one called `name`, or the
+    first one found. PipelineError listing what there is when none fits."""
+    from backend.models import available_models
+
+    models = available_models()
+    fitting = {n: Path(m["path"]) for n, m in models.items() if m["model"] == model_class}
+    if name is not None:
+        if name not in fitting:
+            raise PipelineError(f"no {model_class} model named {name!r}; available: "
+                                f"{sorted(fitting) or 'none'}")
+        return name, fitting[name]
+    if not fitting:
+        raise PipelineError(f"no trained {model_class} model found (looked for config.json + "
+                            f"model.safetensors folders under the weights directory)")
+    first = sorted(fitting)[0]
+    return first, fitting[first]
+
+
+def load_model(model_class: str, folder: Path, device: str | torch.device):
+    """A trained model in eval mode; diffusion on the CPU uses the decomposed kernel (the
+    compiled FlexAttention would first spend a minute compiling)."""
+    from backend.train.evaluate import load_model as load_trained
+
+    kind = "diffusion" if model_class == DIFFUSION_CLASS else "recon"
+    impl = "decomposed" if kind == "diffusion" and torch.device(device).type == "cpu" else None
+    model, _ = load_trained(kind, folder, torch.device(device), attention_impl=impl)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- the steps
+
+@dataclass
+class GenerateSettings:
+    steps: int = 4
+    guidance: float = 1.0
+    shift: float = 1.0
+    seed: int = 0
+    refine_steps: int = 0
+    refine_lr: float = 0.05
+    min_opacity: float = 0.0
+
+
+def grid_limits(diffusion) -> tuple[int, int]:
+    """(views, timesteps) the diffusion model can place with its RoPE tables."""
+    return int(diffusion.config.max_views), int(diffusion.config.t_max)
+
+
+def check_grid(diffusion, num_views: int, num_steps: int) -> None:
+    max_views, max_steps = grid_limits(diffusion)
+    if num_views > max_views or num_steps > max_steps:
+        raise PipelineError(f"a {num_views} views x {num_steps} timesteps grid exceeds this "
+                            f"model's limits of {max_views} views x {max_steps} timesteps; use "
+                            f"fewer cameras or frames (a larger frame step)")
+
+
+def generate_grid(
+    diffusion,
+    video: np.ndarray,  # [T, H, W, 3] uint8: row 0 (view 0 over time)
+    c2w: np.ndarray,  # [V, T, 4, 4] normalised OpenCV camera-to-world
+    intrinsics: np.ndarray,  # [V, T, 6] at the input resolution
+    freeze: np.ndarray | None,  # [V, H, W, 3] uint8: column 0 (every view at t = 0)
+    settings: GenerateSettings,
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[Tensor, Tensor]:  # grid [V, T, 3, h, w] in [0, 1], given mask [V, T]
+    """Fill the grid with the diffusion model at its own frame size."""
+    from backend.cameras import plucker_rays
+    from backend.diffusion.sampler import EulerSampler
+
+    V, T = c2w.shape[:2]
+    check_grid(diffusion, V, T)
+    h, w = diffusion.config.image_size
+    device = next(diffusion.parameters()).device
+    cond = torch.zeros(V, T, 3, h, w)
+    mask = torch.zeros(V, T, dtype=torch.bool)
+    cond[0] = frames_to_tensor(video, (h, w))
+    mask[0] = True
+    if freeze is not None:  # cell (0, 0) keeps the video's first frame
+        cond[1:, 0] = frames_to_tensor(freeze[1:], (h, w))
+        mask[:, 0] = True
+    intr = scale_intrinsics(np.asarray(intrinsics, dtype=np.float64), w, h)
+    rays = None
+    if diffusion.config.use_camera_rays:
+        rays = plucker_rays(torch.as_tensor(c2w, dtype=torch.float32),
+                            torch.as_tensor(intr, dtype=torch.float32), h, w)[None]
+        rays = rays.to(device)
+    sampler = EulerSampler(steps=settings.steps, guidance=settings.guidance,
+                           shift=settings.shift)
+    generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
+
+    def report(step: int, of: int) -> None:
+        if progress is not None:
+            progress("diffusion", step, of, f"denoising step {step} of {of}")
+
+    z = sampler.sample(diffusion, (cond * 2 - 1)[None].to(device), mask[None].to(device),
+                       rays=rays, generator=generator, progress=report,
+                       should_cancel=should_cancel)[0]
+    return ((z.float().cpu() + 1) / 2).clamp(0, 1), mask
+
+
+def reconstruct_grid(
+    recon,
+    grid: Tensor,  # [V, T, 3, h, w] in [0, 1]
+    c2w: np.ndarray,  # [V, T, 4, 4] normalised
+    intrinsics: np.ndarray,  # [V, T, 6] of any resolution (rescaled here)
+    settings: GenerateSettings,
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> GaussianSequence:  # in the normalised frame
+    """Gaussians per timestep from a full grid, refined against it when asked."""
+    from backend.recon import refine
+
+    V, T = grid.shape[:2]
+    h, w = recon.config.image_size
+    frames = grid
+    if tuple(grid.shape[-2:]) != (h, w):
+        frames = F.interpolate(grid.reshape(V * T, 3, *grid.shape[-2:]), size=(h, w),
+                               mode="bilinear", antialias=True, align_corners=False)
+        frames = frames.reshape(V, T, 3, h, w).clamp(0, 1)
+    intr = scale_intrinsics(np.asarray(intrinsics, dtype=np.float64), w, h)
+    c2w32 = torch.as_tensor(c2w, dtype=torch.float32)
+    intr32 = torch.as_tensor(intr, dtype=torch.float32)
+    if progress is not None:
+        progress("reconstruct", 0, 1, "feed-forward reconstruction")
+    with torch.no_grad():
+        seq = recon.reconstruct(frames, c2w32, intr32, min_opacity=settings.min_opacity)
+    if progress is not None:
+        progress("reconstruct", 1, 1, f"{sum(len(g) for g in seq)} Gaussians")
+    if settings.refine_steps > 0:
+        def report(step: int, of: int, loss: float) -> None:
+            if progress is not None:
+                progress("refine", step, of, f"refinement loss {loss:.4f}")
+
+        device = next(recon.parameters()).device
+        seq = refine(seq, frames, c2w32, intr32, steps=settings.refine_steps,
+                     lr=settings.refine_lr, progress=report, should_cancel=should_cancel,
+                     device=device)
+    return seq
+
+
+def grid_preview(grid: np.ndarray, scale: int = 4) -> np.ndarray:
+    """uint8 grid [V, T, h, w, 3] -> one video frame per timestep with the views side by
+    side, upscaled (nearest) so small frames stay visible: [T, h*scale, V*w*scale, 3]."""
+    V, T, h, w, _ = grid.shape
+    tiles = grid.transpose(1, 2, 0, 3, 4).reshape(T, h, V * w, 3)
+    return tiles.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def write_grid(folder: Path, grid: np.ndarray, fps: float = 8.0) -> dict[str, Path]:
+    """The generated grid [V, T, h, w, 3] uint8 as grid.npy, PNG frames
+    (frames/v00_t000.png) and an mp4 preview; returns the paths written."""
+    import imageio.v3 as iio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    frames_dir = folder / "frames"
+    frames_dir.mkdir(exist_ok=True)
+    np.save(folder / "grid.npy", grid)
+    for v in range(grid.shape[0]):
+        for t in range(grid.shape[1]):
+            iio.imwrite(frames_dir / f"v{v:02d}_t{t:03d}.png", grid[v, t])
+    preview = grid_preview(grid)
+    mp4 = folder / "grid.mp4"
+    iio.imwrite(mp4, preview, fps=fps, codec="libx264", macro_block_size=8)
+    return {"npy": folder / "grid.npy", "frames": frames_dir, "mp4": mp4}

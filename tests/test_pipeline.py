@@ -1,0 +1,275 @@
+"""The generate/reconstruct pipeline and its job kinds, through a real backend process.
+
+The models here are freshly initialised tiny ones saved as real safetensors folders (the
+quality of the shipped checkpoints is tested in test_checkpoints.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from backend import pipeline
+from backend.client import BackendClient
+from backend.diffusion.config import DiffusionConfig
+from backend.diffusion.model import VideoDiT
+from backend.gaussians import Gaussians, read_ply_sequence
+from backend.recon import ReconConfig, ReconModel
+from backend.weights import save_pretrained
+from tests.support import random_gaussian_arrays, ring_cameras, start_backend
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    """A weights folder with one small diffusion and one small reconstruction model."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    diffusion = VideoDiT(DiffusionConfig.preset("tiny", image_size=(SIZE, SIZE), width=64,
+                                                depth=2, num_heads=1, t_max=4, max_views=4))
+    save_pretrained(root / "diffusion-test", diffusion, diffusion.config)
+    recon_config = ReconConfig.preset("tiny", image_size=(SIZE, SIZE), width=64, depth=2,
+                                      num_heads=2, head_features=16, dense_layers=(0, 1, 1, 1))
+    recon = ReconModel(recon_config)
+    save_pretrained(root / "recon-test", recon, recon_config)
+    return root
+
+
+def grid_rig(V: int, T: int, radius: float = 4.0, size: int = 32,
+             offset=(0.0, 0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """A ring of V cameras held still for T timesteps: c2w [V, T, 4, 4], intrinsics [V, T, 6]."""
+    c2w, intr = ring_cameras(V, radius=radius, size=size)
+    c2w = c2w.astype(np.float64)
+    c2w[:, :3, 3] += np.asarray(offset)
+    return (np.repeat(c2w[:, None], T, axis=1).astype(np.float32),
+            np.repeat(intr[:, None], T, axis=1).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------- in-process
+
+def test_rig_frame_finds_the_point_a_ring_looks_at():
+    c2w, _ = grid_rig(5, 2, radius=7.0, offset=(3.0, -2.0, 1.5))
+    frame = pipeline.rig_frame(c2w)
+    # ring_cameras look at the origin from height 0.8 at horizontal radius 7
+    np.testing.assert_allclose(frame.centre, [3.0, -2.0, 1.5], atol=1e-4)
+    distance = math.hypot(7.0, 0.8)
+    assert frame.scale == pytest.approx(pipeline.NOMINAL_CAMERA_DISTANCE / distance, rel=1e-5)
+    normalised = frame.to_normalised(c2w)
+    distances = np.linalg.norm(normalised[..., :3, 3], axis=-1)
+    np.testing.assert_allclose(distances, pipeline.NOMINAL_CAMERA_DISTANCE, rtol=1e-5)
+    np.testing.assert_allclose(normalised[..., :3, :3], c2w[..., :3, :3], atol=1e-6)
+
+
+def test_rig_frame_of_parallel_cameras_lies_in_front_of_them():
+    c2w = np.tile(np.eye(4), (3, 1, 1, 1))  # [3, 1, 4, 4], all looking along +z
+    c2w[:, 0, 0, 3] = [-1.0, 0.0, 1.0]
+    frame = pipeline.rig_frame(c2w)
+    assert frame.centre[2] > 0.5  # in front (OpenCV +z)
+    assert np.isfinite(frame.scale) and frame.scale > 0
+
+
+def test_to_world_undoes_the_normalisation():
+    c2w, _ = grid_rig(4, 1, radius=10.0, offset=(1.0, 2.0, 3.0))
+    frame = pipeline.rig_frame(c2w)
+    g = Gaussians.from_arrays(random_gaussian_arrays(50, seed=1))
+    world = frame.to_world(g)
+    np.testing.assert_allclose((world.means - frame.centre) * frame.scale, g.means, atol=1e-4)
+    np.testing.assert_allclose(world.log_scales, g.log_scales - math.log(frame.scale),
+                               atol=1e-5)
+    np.testing.assert_array_equal(world.sh0, g.sh0)
+
+
+def test_frames_to_tensor_resizes_and_keeps_colours():
+    frames = np.full((2, 3, 40, 60, 3), 200, dtype=np.uint8)
+    frames[..., 0] = 10
+    x = pipeline.frames_to_tensor(frames, (8, 12))
+    assert x.shape == (2, 3, 3, 8, 12)
+    np.testing.assert_allclose(x[:, :, 0].numpy(), 10 / 255, atol=1e-5)
+    np.testing.assert_allclose(x[:, :, 1].numpy(), 200 / 255, atol=1e-5)
+    back = pipeline.tensor_to_uint8(x)
+    assert back.shape == (2, 3, 8, 12, 3) and back.dtype == np.uint8
+    assert (back[..., 0] == 10).all() and (back[..., 2] == 200).all()
+
+
+def test_grid_preview_tiles_views_side_by_side():
+    grid = np.zeros((3, 2, 4, 5, 3), dtype=np.uint8)
+    grid[1, 1] = 255
+    preview = pipeline.grid_preview(grid, scale=2)
+    assert preview.shape == (2, 8, 30, 3)
+    assert preview[1, :, 10:20].min() == 255 and preview[1, :, :10].max() == 0
+    assert preview[0].max() == 0
+
+
+def test_reconstruction_follows_the_rig_to_any_scale_and_place(weights_dir):
+    """Scaling and moving the rig (and nothing else) scales and moves the Gaussians."""
+    recon = pipeline.load_model(pipeline.RECON_CLASS, weights_dir / "recon-test", "cpu")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(3, 2, SIZE, SIZE, 3), dtype=np.uint8)
+    grid = pipeline.frames_to_tensor(images, (SIZE, SIZE))
+    settings = pipeline.GenerateSettings()
+    outputs = []
+    base, intr = grid_rig(3, 2, radius=4.0, size=SIZE)
+    for factor, offset in ((1.0, (0.0, 0.0, 0.0)), (10.0, (5.0, -3.0, 2.0))):
+        c2w = base.astype(np.float64).copy()
+        c2w[..., :3, 3] = c2w[..., :3, 3] * factor + offset
+        frame = pipeline.rig_frame(c2w)
+        seq = pipeline.reconstruct_grid(recon, grid, frame.to_normalised(c2w), intr, settings)
+        outputs.append([frame.to_world(g) for g in seq])
+    for small, large in zip(*outputs):
+        np.testing.assert_allclose(large.means, small.means * 10 + [5.0, -3.0, 2.0], atol=2e-3)
+        np.testing.assert_allclose(large.log_scales, small.log_scales + math.log(10), atol=1e-4)
+
+
+def test_grid_limits_are_stated(weights_dir):
+    diffusion = pipeline.load_model(pipeline.DIFFUSION_CLASS, weights_dir / "diffusion-test",
+                                    "cpu")
+    with pytest.raises(pipeline.PipelineError, match="exceeds this model's limits of 4 views "
+                                                     "x 4 timesteps"):
+        pipeline.check_grid(diffusion, 5, 2)
+
+
+# ----------------------------------------------------------------- through the backend
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory, weights_dir):
+    old = os.environ.get("FOURREAL_WEIGHTS")
+    os.environ["FOURREAL_WEIGHTS"] = str(weights_dir)
+    try:
+        proc = start_backend(tmp_path_factory.mktemp("backend"))
+    finally:
+        if old is None:
+            os.environ.pop("FOURREAL_WEIGHTS")
+        else:
+            os.environ["FOURREAL_WEIGHTS"] = old
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(backend):
+    c = BackendClient(backend.address)
+    yield c
+    c.close()
+
+
+def video_arrays(V: int, T: int, size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    c2w, intr = grid_rig(V, T, size=size)
+    rng = np.random.default_rng(seed)
+    return {"c2w": c2w, "intrinsics": intr,
+            "video": rng.integers(0, 255, size=(T, size, size, 3), dtype=np.uint8)}
+
+
+def test_generate_streams_a_grid_and_gaussians_per_timestep(client, backend):
+    arrays = video_arrays(2, 2)
+    arrays["freeze"] = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    outcome = client.run_job("generate", {"steps": 1, "seed": 3}, arrays, timeout=300)
+    assert outcome.ok, outcome.final
+    stages = [m["stage"] for m in outcome.progress]
+    assert "diffusion" in stages and "reconstruct" in stages
+    grids = [m for m in outcome.results if m["content"] == "grid"]
+    gaussians = [m for m in outcome.results if m["content"] == "gaussians"]
+    assert len(grids) == 1 and grids[0].arrays["grid"].shape == (2, 2, SIZE, SIZE, 3)
+    grid = grids[0].arrays["grid"]
+    # given cells come back as given (resized): row 0 is the video, column 0 the freeze frames
+    expected_row = pipeline.tensor_to_uint8(pipeline.frames_to_tensor(arrays["video"],
+                                                                      (SIZE, SIZE)))
+    np.testing.assert_array_equal(grid[0], expected_row)
+    assert grid[1, 0].max() == 0
+    assert [m["frame"] for m in gaussians] == [0, 1]
+    assert all(m["of"] == 2 for m in gaussians)
+    means = gaussians[0].arrays["means"]
+    assert means.shape[1] == 3 and len(means) > 0 and np.isfinite(means).all()
+    folder = backend.cache_dir / "jobs" / outcome.job
+    assert (folder / "grid" / "grid.mp4").stat().st_size > 0
+    assert np.load(folder / "grid" / "grid.npy").shape == (2, 2, SIZE, SIZE, 3)
+    assert len(read_ply_sequence(folder / "gaussians")) == 2
+
+
+def test_generate_is_deterministic_per_seed(client):
+    arrays = video_arrays(2, 2, seed=1)
+    grids = [client.run_job("generate", {"steps": 1, "seed": seed}, arrays, timeout=300)
+             for seed in (5, 5, 6)]
+    first, again, other = [next(m.arrays["grid"] for m in o.results if m["content"] == "grid")
+                           for o in grids]
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first[1].astype(int) - other[1].astype(int)).max() > 0
+
+
+def test_generate_reads_a_movie_file(client, tmp_path):
+    import imageio.v3 as iio
+
+    arrays = video_arrays(2, 3)
+    path = tmp_path / "input.mp4"
+    iio.imwrite(path, np.repeat(arrays.pop("video"), 2, axis=0), fps=8, codec="libx264",
+                macro_block_size=8)
+    outcome = client.run_job("generate", {"steps": 1, "video_path": str(path)}, arrays,
+                             timeout=300)
+    assert outcome.ok, outcome.final
+    assert sum(m["content"] == "gaussians" for m in outcome.results) == 3
+
+
+def test_reconstruct_job_returns_gaussians_in_world_units(client):
+    c2w, intr = grid_rig(3, 2, radius=40.0, size=32)
+    images = np.random.default_rng(2).integers(0, 255, (3, 2, 32, 32, 3), dtype=np.uint8)
+    outcome = client.run_job("reconstruct", {}, {"c2w": c2w, "intrinsics": intr,
+                                                 "images": images}, timeout=300)
+    assert outcome.ok, outcome.final
+    steps = [m for m in outcome.results if m["content"] == "gaussians"]
+    assert [m["frame"] for m in steps] == [0, 1]
+    means = steps[0].arrays["means"]
+    # the rig stands 40 units out: depths of a few units at the nominal scale become tens
+    radius = np.linalg.norm(means[:, :2], axis=1)
+    assert np.median(radius) > 5.0
+
+
+@pytest.mark.parametrize("change, code, words", [
+    (lambda a: a.update(video=a["video"][:1]), "bad_input", "one frame per timestep"),
+    (lambda a: a.update(video=np.zeros((2, 32, 48, 3), np.uint8)), "bad_input",
+     "aspect ratios differ"),
+    (lambda a: a.update(video=a["video"].astype(np.float32)), "bad_array", "video"),
+    (lambda a: a.pop("video"), "bad_input", "needs the input video"),
+    (lambda a: a.update(freeze=np.zeros((3, 32, 32, 3), np.uint8)), "bad_input",
+     "one frame per view"),
+    (lambda a: a["c2w"].__setitem__((0, 0, 0, 0), 5.0), "bad_camera", "rigid"),
+    (lambda a: a.update(params={"steps": 0}), "bad_field", "params.steps"),
+    (lambda a: a.update(params={"guidance": "high"}), "bad_field", "params.guidance"),
+    (lambda a: a.update(params={"video_path": "/no/such/file.mp4"}), "bad_input",
+     "no such file"),
+])
+def test_generate_refuses_bad_input_with_a_clear_error(client, change, code, words):
+    arrays = video_arrays(2, 2)
+    change(arrays)
+    params = arrays.pop("params", {"steps": 1})
+    if "video_path" in params:
+        arrays.pop("video")
+    outcome = client.run_job("generate", params, arrays, timeout=120)
+    assert outcome.final.type == "error", outcome.final
+    assert outcome.final["code"] == code
+    assert words in outcome.final["message"]
+    client.hello()
+    assert client.wait(lambda m: m.type == "welcome", timeout=30)  # still serving
+
+
+def test_generate_refuses_grids_beyond_the_model(client):
+    outcome = client.run_job("generate", {"steps": 1}, video_arrays(5, 2), timeout=120)
+    assert outcome.final.type == "error" and outcome.final["code"] == "bad_input"
+    assert "limits of 4 views x 4 timesteps" in outcome.final["message"]
+
+
+def test_unknown_model_name_lists_the_available_ones(client):
+    outcome = client.run_job("generate", {"steps": 1, "diffusion_model": "huge"},
+                             video_arrays(2, 2), timeout=120)
+    assert outcome.final.type == "error" and "diffusion-test" in outcome.final["message"]
+
+
+def test_cancel_during_generation(client):
+    arrays = video_arrays(2, 2)
+    job = client.submit("generate", {"steps": 200}, arrays)
+    client.wait(lambda m: m.type == "progress" and m.get("stage") == "diffusion", timeout=120)
+    client.cancel(job)
+    outcome = client.collect(job, timeout=120)
+    assert outcome.final.type == "cancelled"
