@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The project's one entry point.
 
+    python3 build.py demo [ARGS...]   set up if needed, then generate a 4D asset from an animated
+                                      Blender scene, headless, into out/demo/ (see `demo --help`)
     python3 build.py setup            create .venv/ and install the backend with its pinned deps
     python3 build.py test [ARGS...]   set up if needed, then run pytest (not slow, not gpu)
     python3 build.py serve [ARGS...]  run the backend server (see `serve --help`)
@@ -227,6 +229,11 @@ def cmd_test(args: argparse.Namespace, extra: list[str]) -> int:
     return rc
 
 
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    """The whole product headless in Blender; writes out/demo/ (extra args go to the demo)."""
+    return run_in_venv(["-m", "backend.demo", *extra])
+
+
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return run_in_venv(["-m", "backend", "serve", *extra])
 
@@ -370,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     p_setup = sub.add_parser("setup", help="create .venv and install everything")
     p_setup.add_argument("--cuda", action="store_true",
                          help="install the CUDA build of torch even if nvidia-smi is not found")
+    sub.add_parser("demo", help="generate a 4D asset from an animated Blender scene, headless, "
+                   "into out/demo/ (extra args go to the demo, e.g. --frames 8)", add_help=False)
     sub.add_parser("test", help="run the tests (extra args go to pytest; --blender all also "
                    "runs the add-on tests against Blender 4.2 and 5.2)", add_help=False)
     sub.add_parser("serve", help="run the backend server (extra args go to the server)",
@@ -395,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return cmd_setup(args)
-    handler = {"test": cmd_test, "serve": cmd_serve, "bench": cmd_bench, "train": cmd_train,
+    handler = {"demo": cmd_demo, "test": cmd_test, "serve": cmd_serve, "bench": cmd_bench, "train": cmd_train,
                "eval": cmd_eval}[args.command]
     return handler(args, extra)
 

@@ -83,6 +83,7 @@ class JobRecord:
     error_message: str = ""
     results: list[protocol.Message] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)  # e.g. the scene frames of results
+    cache_dir: str = ""  # the backend's folder for this job (grid preview, PLY sequence)
     on_finish: Callable[[JobRecord], None] | None = None
 
     @property
@@ -343,6 +344,7 @@ class JobRunner:
         if msg.type == "done":
             record.state, record.stage, record.message = "done", "done", "finished"
             record.step = record.of = max(record.of, 1)
+            record.cache_dir = str(msg.get("cache_dir", ""))
         elif msg.type == "cancelled":
             record.state, record.message = "cancelled", "cancelled"
         else:

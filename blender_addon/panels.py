@@ -96,6 +96,9 @@ class FOURREAL_PT_job(_Panel, bpy.types.Panel):
         row = layout.row(align=True)
         row.prop(settings, "seed")
         row.prop(settings, "steps")
+        row = layout.row(align=True)
+        row.prop(settings, "guidance")
+        row.prop(settings, "refine_steps")
         layout.prop(settings, "render_folder")
         row = layout.row(align=True)
         row.scale_y = 1.4

@@ -44,7 +44,14 @@ class FourRealSettings(bpy.types.PropertyGroup):
         name="Freeze-Time Images", subtype="DIR_PATH",
         description="Optional: one image per view at the first timestep, ordered by name")
     seed: IntProperty(name="Seed", default=0, min=0)
-    steps: IntProperty(name="Sampling Steps", default=8, min=1, max=200)
+    steps: IntProperty(name="Sampling Steps", default=4, min=1, max=200,
+                       description="Denoising steps: the shipped tiny model is best at 1-4")
+    guidance: FloatProperty(name="Guidance", default=1.0, min=0.0, max=20.0,
+                            description="Classifier-free guidance scale (1 = off, one model "
+                            "evaluation per step)")
+    refine_steps: IntProperty(name="Refine Steps", default=0, min=0, max=5000,
+                              description="Per-scene refinement of the Gaussians against the "
+                              "generated grid (0 = off)")
     render_folder: StringProperty(
         name="Render Folder", subtype="DIR_PATH",
         description="Where rig renders are written (empty: a temporary folder)")

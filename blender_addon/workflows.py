@@ -65,7 +65,8 @@ def rig_params(scene: bpy.types.Scene, extracted: rig.Rig) -> dict[str, Any]:
 def generate_request(context: bpy.types.Context) -> JobRequest:
     scene, settings = context.scene, context.scene.fourreal
     cameras, extracted = scene_rig(context)
-    params = {**rig_params(scene, extracted), "seed": settings.seed, "steps": settings.steps}
+    params = {**rig_params(scene, extracted), "seed": settings.seed, "steps": settings.steps,
+              "guidance": settings.guidance, "refine_steps": settings.refine_steps}
     arrays = extracted.to_arrays()
     if settings.input_source == "CLIP":
         params["video_path"] = inputs.movie_clip_path(settings.movie_clip)
@@ -91,7 +92,8 @@ def reconstruct_request(context: bpy.types.Context) -> JobRequest:
     arrays = extracted.to_arrays()
     arrays["images"] = inputs.render_rig(scene, cameras, extracted.frames,
                                          settings.render_folder or None)
-    return JobRequest("reconstruct", rig_params(scene, extracted), arrays, extracted.frames,
+    params = {**rig_params(scene, extracted), "refine_steps": settings.refine_steps}
+    return JobRequest("reconstruct", params, arrays, extracted.frames,
                       f"{scene.name} Reconstruction")
 
 
