@@ -368,3 +368,32 @@ def test_eval_writes_report_with_every_key_and_image_grids(tmp_path):
         assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
     grid = iio.imread(tmp_path / "eval" / "grid_row_and_column.png")
     assert grid.shape[1] > 2 * 3 * 16  # ground truth | generated, 3 timesteps each
+
+
+@pytest.mark.parametrize("name, variants", [
+    ("attention", ["fused", "sequential", "parallel"]),
+    ("recon", ["full", "no_temporal_layers", "no_camera_token_replacement"]),
+])
+def test_ablation_trains_every_variant_with_one_budget(tmp_path, name, variants):
+    base = (tiny_diffusion_config if name == "attention" else tiny_recon_config)(tmp_path)
+    config = base.to_dict()
+    config.pop("output_dir")
+    eval_config = {"num_samples": 1, "num_views": 2, "num_steps": 3, "sampler_steps": 1,
+                   "recon_held_out_views": 1, "held_out_kind": "static", "batch_size": 1}
+    out = tmp_path / "ablation"
+    rc = main(["ablation", name, "--config", json.dumps(config), "--steps", "1",
+               "--output-dir", str(out), "--eval-config", json.dumps(eval_config)])
+    assert rc == 0
+    table = json.loads((out / "ablation.json").read_text())
+    assert [row["variant"] for row in table["rows"]] == variants
+    key = "psnr_generated" if name == "attention" else "psnr_recon"
+    for row, variant in zip(table["rows"], variants):
+        assert row["steps"] == 1 and math.isfinite(row[key]) and row["final_loss"] > 0
+        trained = json.loads((out / variant / "train" / "train_config.json").read_text())
+        if name == "attention":
+            assert trained["model_overrides"]["attention"] == variant
+    if name == "recon":
+        overrides = json.loads((out / "no_temporal_layers" / "train" / "train_config.json")
+                               .read_text())["model_overrides"]
+        assert overrides["use_temporal_attention"] is False
+    assert (out / "ablation.md").read_text().count("\n") == len(variants) + 2

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=N -m backend.train diffusion ...
     python -m backend.train eval diffusion|recon --weights DIR [--output-dir DIR] [...]
     python -m backend.train eval all --diffusion-weights DIR --recon-weights DIR [...]
+    python -m backend.train ablation attention|recon [--config ...] [--steps N] [...]
 
 `--config` takes a JSON object (inline or a file) with any fields of the trainer config;
 nested configs (data, pool, loss) are merged field by field. `--set` sets one dotted
@@ -121,7 +122,23 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--diffusion-weights", help="with 'all': the diffusion weights")
     evaluate.add_argument("--recon-weights", help="with 'all': the recon weights")
     _add_flags(evaluate, EVAL_FLAGS)
+    ablation = commands.add_parser("ablation", help="train and evaluate the paper's ablation "
+                                   "variants with one budget")
+    ablation.add_argument("name", choices=("attention", "recon"))
+    ablation.add_argument("--eval-config", help="JSON object for the evaluation (EvalConfig)")
+    _add_flags(ablation, TRAIN_FLAGS)
     return parser
+
+
+def ablation_command(args: argparse.Namespace) -> int:
+    from backend.train.ablation import markdown_table, run_ablation
+
+    flags = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    output_dir = flags.pop("output_dir", None) or f"out/ablation/{args.name}"
+    eval_config = build_config(EvalConfig, args.eval_config, [], {})
+    table = run_ablation(args.name, args.config, args.set, flags, output_dir, eval_config)
+    print(markdown_table(table["rows"]))
+    return 0
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -166,6 +183,8 @@ def eval_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        if args.command == "ablation":
+            return ablation_command(args)
         return eval_command(args) if args.command == "eval" else train_command(args)
     except ValueError as error:
         print(f"backend.train: {error}", file=sys.stderr)
