@@ -31,3 +31,20 @@ def available_models() -> dict[str, dict]:
                 continue
             found[folder.name] = {"model": model, "path": str(folder)}
     return found
+
+
+def model_class_of(folder: str | Path) -> tuple[type, type]:
+    """(model class, config class) of a save_pretrained folder, from its config.json."""
+    from backend.diffusion.config import DiffusionConfig
+    from backend.diffusion.model import VideoDiT
+    from backend.recon import ReconConfig, ReconModel
+
+    classes = {"VideoDiT": (VideoDiT, DiffusionConfig), "ReconModel": (ReconModel, ReconConfig)}
+    path = Path(folder) / "config.json"
+    try:
+        name = json.loads(path.read_text()).get("model")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read the model's config ({error})") from error
+    if name not in classes:
+        raise ValueError(f"{path}: unknown model class {name!r}; known: {sorted(classes)}")
+    return classes[name]

@@ -9,6 +9,7 @@ import math
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,14 +159,16 @@ def test_round_trip_scene_rig_backend_import(addon, runner, tmp_path):
     assert renders.shape == (4, 3, 24, 32, 3) and renders.dtype == np.uint8
     blender_masks = renders.max(axis=-1) > 40  # the cube emits, the film is black
 
-    # Reconstruction: the request the Reconstruct button sends. Until a reconstruction model
-    # is installed the backend refuses the kind, and the runner says so clearly.
+    # Reconstruction: the request the Reconstruct button sends, answered by the shipped
+    # reconstruction model with one Gaussian set per timestep.
     record = runner.submit("reconstruct", workflows.rig_params(scene, extracted),
                            {**extracted.to_arrays(), "images": renders})
     pump(runner.poll, finished(record), TIMEOUT)
-    if "reconstruct" not in runner.backend_info["job_kinds"]:
-        assert record.state == "failed" and record.error_code == "unknown_kind"
-        assert "cannot run this kind of job" in record.error_text
+    assert record.state == "done", record.error_text
+    reconstructed, result_frames = record.gaussian_steps()
+    assert result_frames == [0, 1, 2]
+    assert all(len(step["means"]) > 0 and np.isfinite(step["means"]).all()
+               for step in reconstructed)
 
     # Gaussians on the cube's surface per frame go through the backend (convert) and come
     # back as an imported asset.
@@ -198,26 +201,31 @@ def test_round_trip_scene_rig_backend_import(addon, runner, tmp_path):
     assert masks_iou(pixels.max(axis=-1) > 40, blender_masks[0, 1]) > 0.6
 
 
-def test_generate_operator_reports_unknown_kind_in_the_status(addon, backend, tmp_path):
+def test_generate_operator_imports_the_generated_asset(addon, backend, tmp_path):
     scene, _, cameras = cube_scene()
     scene.frame_end = 2
     run = runtime.runner()
     run.connect(backend.address)
     try:
         pump(runtime.tick, lambda: run.backend_state == "ready", TIMEOUT)
+        assert {"generate", "reconstruct"} <= set(run.backend_info["job_kinds"])
         scene.fourreal.rig_source = "COLLECTION"
         scene.fourreal.rig_collection = cameras[0].users_collection[0]
         scene.fourreal.render_folder = str(tmp_path / "input")
+        scene.fourreal.steps = 1
         assert bpy.ops.fourreal.generate() == {"FINISHED"}
         assert bpy.app.timers.is_registered(runtime.tick), "the operator starts polling"
         record = run.latest()
         assert record.kind == "generate"
         pump(runtime.tick, finished(record), TIMEOUT)
         status = bpy.context.window_manager.fourreal_status
-        if "generate" not in run.backend_info["job_kinds"]:
-            assert status.job_state == "failed"
-            assert "unknown_kind" in status.job_error and "generate" in status.job_error
+        assert status.job_state == "done", status.job_error
         assert len(list((tmp_path / "input").glob("*.png"))) == 2, "camera 1, frames 1-2"
+        asset = bpy.data.objects[record.context["asset"]]
+        assert len(pointcloud.timestep_objects(asset)) == 2
+        job_dir = Path(record.cache_dir)
+        assert (job_dir / "grid" / "grid.mp4").stat().st_size > 0
+        assert len(list((job_dir / "gaussians").glob("*.ply"))) == 2
     finally:
         runtime.shutdown()
 

@@ -397,3 +397,19 @@ def test_ablation_trains_every_variant_with_one_budget(tmp_path, name, variants)
                                .read_text())["model_overrides"]
         assert overrides["use_temporal_attention"] is False
     assert (out / "ablation.md").read_text().count("\n") == len(variants) + 2
+
+
+def test_export_writes_half_precision_weights_that_load(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_recon_config(tmp_path).model_config()
+    save_pretrained(tmp_path / "full", ReconModel(config), config)
+    assert main(["export", "--weights", str(tmp_path / "full"), "--output",
+                 str(tmp_path / "half")]) == 0
+    from backend.weights import load_pretrained
+
+    _model, loaded_config = load_pretrained(tmp_path / "half", ReconModel, type(config))
+    assert loaded_config == config
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < \
+        0.6 * (tmp_path / "full" / "model.safetensors").stat().st_size
+    assert main(["export", "--weights", str(tmp_path / "nowhere"), "--output",
+                 str(tmp_path / "x")]) == 2

@@ -176,3 +176,18 @@ def test_binary_config_is_a_clear_error(toy_folder):
     (toy_folder / CONFIG_NAME).write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
         load_pretrained(toy_folder, ToyModel, ToyConfig)
+
+
+def test_half_precision_file_loads_into_a_float32_model(tmp_path):
+    torch.manual_seed(0)
+    model = ToyModel(ToyConfig(width=64))
+    save_pretrained(tmp_path / "full", model, ToyConfig(width=64))
+    save_pretrained(tmp_path / "half", model, ToyConfig(width=64), dtype=torch.float16)
+    full_size = (tmp_path / "full" / WEIGHTS_NAME).stat().st_size
+    half_size = (tmp_path / "half" / WEIGHTS_NAME).stat().st_size
+    assert half_size < 0.6 * full_size
+    loaded, _ = load_pretrained(tmp_path / "half", ToyModel, ToyConfig)
+    for (name, original), (_, restored) in zip(model.state_dict().items(),
+                                               loaded.state_dict().items()):
+        assert restored.dtype == torch.float32, name
+        assert torch.equal(restored, original.half().float()), name

@@ -6,6 +6,7 @@
     python -m backend.train eval diffusion|recon --weights DIR [--output-dir DIR] [...]
     python -m backend.train eval all --diffusion-weights DIR --recon-weights DIR [...]
     python -m backend.train ablation attention|recon [--config ...] [--steps N] [...]
+    python -m backend.train export --weights DIR --output DIR [--dtype float16]
 
 `--config` takes a JSON object (inline or a file) with any fields of the trainer config;
 nested configs (data, pool, loss) are merged field by field. `--set` sets one dotted
@@ -122,12 +123,32 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--diffusion-weights", help="with 'all': the diffusion weights")
     evaluate.add_argument("--recon-weights", help="with 'all': the recon weights")
     _add_flags(evaluate, EVAL_FLAGS)
+    export = commands.add_parser("export", help="copy trained weights, e.g. in half precision "
+                                 "to ship them")
+    export.add_argument("--weights", required=True, help="save_pretrained folder")
+    export.add_argument("--output", required=True, help="folder to write")
+    export.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        default="float16")
     ablation = commands.add_parser("ablation", help="train and evaluate the paper's ablation "
                                    "variants with one budget")
     ablation.add_argument("name", choices=("attention", "recon"))
     ablation.add_argument("--eval-config", help="JSON object for the evaluation (EvalConfig)")
     _add_flags(ablation, TRAIN_FLAGS)
     return parser
+
+
+def export_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from backend.models import model_class_of
+    from backend.weights import load_pretrained, save_pretrained
+
+    model_cls, config_cls = model_class_of(args.weights)
+    model, config = load_pretrained(args.weights, model_cls, config_cls)
+    folder = save_pretrained(args.output, model, config, dtype=getattr(torch, args.dtype))
+    size = (folder / "model.safetensors").stat().st_size / 1e6
+    print(f"export: {model_cls.__name__} -> {folder} ({args.dtype}, {size:.1f} MB)")
+    return 0
 
 
 def ablation_command(args: argparse.Namespace) -> int:
@@ -185,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "ablation":
             return ablation_command(args)
+        if args.command == "export":
+            return export_command(args)
         return eval_command(args) if args.command == "eval" else train_command(args)
     except ValueError as error:
         print(f"backend.train: {error}", file=sys.stderr)

@@ -81,13 +81,20 @@ def _state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_pretrained(folder: str | Path, model: nn.Module, config: Any) -> Path:
-    """Write `model.safetensors` and `config.json` into `folder` (created if needed)."""
+def save_pretrained(folder: str | Path, model: nn.Module, config: Any,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write `model.safetensors` and `config.json` into `folder` (created if needed).
+
+    `dtype` (e.g. torch.float16) stores the floating-point tensors at that precision to
+    halve the file; loading casts them back to the model's own dtype."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     header = {"format_version": FORMAT_VERSION, "model": type(model).__name__,
               "config_class": type(config).__name__, "config": config_to_dict(config)}
-    save_file(_state_for_saving(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    state = _state_for_saving(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
     return folder
 
