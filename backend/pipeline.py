@@ -137,13 +137,12 @@ def find_model(model_class: str, name: str | None = None) -> tuple[str, Path]:
 
 
 def load_model(model_class: str, folder: Path, device: str | torch.device):
-    """A trained model in eval mode; diffusion on the CPU uses the decomposed kernel (the
-    compiled FlexAttention would first spend a minute compiling)."""
+    """A trained model in eval mode (the diffusion model's attention is the saved "auto":
+    the merged kernel on the CPU, compiled FlexAttention on CUDA)."""
     from backend.train.evaluate import load_model as load_trained
 
     kind = "diffusion" if model_class == DIFFUSION_CLASS else "recon"
-    impl = "decomposed" if kind == "diffusion" and torch.device(device).type == "cpu" else None
-    model, _ = load_trained(kind, folder, torch.device(device), attention_impl=impl)
+    model, _ = load_trained(kind, folder, torch.device(device))
     return model.eval()
 
 

@@ -166,13 +166,16 @@ def test_flex_block_size_follows_the_frame_on_cpu():
     assert flex_block_size(64, "cuda") == 128
 
 
-def test_auto_picks_flex_without_grad_and_decomposed_with_grad():
+def test_auto_picks_merged_or_flex_without_grad_and_decomposed_with_grad(monkeypatch):
     q, k, v = _qkv(*GRIDS[0], requires_grad=True)
     assert select_implementation(q, k, v, "auto") == "decomposed"
     with torch.no_grad():
-        expected = "flex" if flex_available("cpu") else "decomposed"
-        assert select_implementation(q, k, v, "auto") == expected
+        assert select_implementation(q, k, v, "auto") == "merged"
     plain = [t.detach() for t in (q, k, v)]
+    assert select_implementation(*plain, "auto") == "merged"
+    monkeypatch.setattr(attention, "CONFIG", attention.ViewTimeAttentionConfig(
+        cpu_inference="flex"))
+    expected = "flex" if flex_available("cpu") else "decomposed"
     assert select_implementation(*plain, "auto") == expected
     assert select_implementation(*plain, "reference") == "reference"
     with pytest.raises(ValueError, match="impl"):
@@ -197,6 +200,8 @@ def test_auto_falls_back_when_flex_fails(monkeypatch):
 
     monkeypatch.setattr(attention, "_flex_kernel", broken_kernel)
     monkeypatch.setattr(attention, "_flex_failed_device_types", set())
+    monkeypatch.setattr(attention, "CONFIG", attention.ViewTimeAttentionConfig(
+        cpu_inference="flex"))
     V, T = GRIDS[0][2:4]
     q, k, v = _qkv(*GRIDS[0], seed=13)
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="compiler exploded"):
@@ -206,6 +211,37 @@ def test_auto_falls_back_when_flex_fails(monkeypatch):
         assert select_implementation(q, k, v, "auto") == "decomposed"
     with torch.no_grad(), pytest.raises(ValueError, match="not available"):
         fused_view_time_attention(q, k, v, V, T, impl="flex")
+
+
+@pytest.mark.parametrize("grid", GRIDS + EDGE_GRIDS)
+def test_merged_matches_reference(grid):
+    V, T = grid[2:4]
+    q, k, v = _qkv(*grid, seed=21)
+    with torch.no_grad():
+        out = fused_view_time_attention(q, k, v, V, T, impl="merged")
+    error = (out - _reference(q, k, v, V, T)).abs().max().item()
+    print(f"merged vs reference {grid}: max abs error {error:.2e}")
+    assert error < 2e-5
+
+
+def test_merged_is_exact_with_large_scores_and_keeps_the_dtype():
+    V, T = GRIDS[1][2:4]
+    q, k, v = _qkv(*GRIDS[1], seed=22)
+    q = q * 12.0  # softmax nearly one-hot: the view - frame merge must not cancel badly
+    with torch.no_grad():
+        out = fused_view_time_attention(q, k, v, V, T, impl="merged")
+        assert (out - _reference(q, k, v, V, T)).abs().max().item() < 1e-4
+        low = [t.bfloat16() for t in (q, k, v)]
+        out16 = fused_view_time_attention(*low, V, T, impl="merged")
+        rounded = _reference(*(t.float() for t in low), V, T)  # same inputs, float32
+    assert out16.dtype == torch.bfloat16
+    assert (out16.float() - rounded).abs().max().item() < 0.05
+
+
+def test_merged_with_grad_raises():
+    q, k, v = _qkv(*GRIDS[0], requires_grad=True)
+    with pytest.raises(ValueError, match="no backward pass"):
+        fused_view_time_attention(q, k, v, 2, 3, impl="merged")
 
 
 def test_flex_with_grad_on_cpu_raises():

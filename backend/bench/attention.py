@@ -5,9 +5,9 @@
 
 For each grid V x T and tokens per frame P (4 heads of 64, B=1, float32) it times, in one
 process and with repeats interleaved between implementations: flex (forward), decomposed
-(forward, and forward+backward), reference (dense-mask SDPA, skipped when its mask would exceed
-a memory cap) and full attention (SDPA, no mask). Times are medians after a warm-up call;
-process CPU times are reported beside the wall times.
+(forward, and forward+backward), merged (forward), reference (dense-mask SDPA, skipped when
+its mask would exceed a memory cap) and full attention (SDPA, no mask). Times are medians
+after a warm-up call; process CPU times are reported beside the wall times.
 
 Peak memory of one call, measured in a second pass after all timings: on CUDA,
 `torch.cuda.max_memory_allocated` above the level before the call. On the CPU (Linux with
@@ -36,6 +36,7 @@ from backend.diffusion.attention import (
     flex_available,
     flex_view_time_attention,
     full_attention,
+    merged_view_time_attention,
     reference_attention,
 )
 
@@ -51,7 +52,7 @@ class AttentionBenchConfig:
     reference_mask_cap_bytes: int = 2 * 2**30  # bool mask + its float32 form, [N, N] each
 
 
-EXACT = ("flex_fwd", "decomposed_fwd", "reference_fwd")
+EXACT = ("flex_fwd", "decomposed_fwd", "merged_fwd", "reference_fwd")
 _MALLOC_MMAP_THRESHOLD, _MALLOC_TRIM_THRESHOLD = -3, -1  # glibc mallopt parameters
 
 
@@ -135,6 +136,7 @@ def _make_calls(V: int, T: int, P: int, config: AttentionBenchConfig, device: to
     else:
         notes.append(f"flex skipped: FlexAttention not available on {device}")
     calls["decomposed_fwd"] = no_grad(lambda *a: decomposed_view_time_attention(*a, V, T))
+    calls["merged_fwd"] = no_grad(lambda *a: merged_view_time_attention(*a, V, T))
     calls["decomposed_fwd_bwd"] = decomposed_fwd_bwd
     mask_bytes = 5 * N * N
     if mask_bytes <= config.reference_mask_cap_bytes:
@@ -161,7 +163,7 @@ def _errors(outputs: dict) -> tuple[dict, str]:
     """Max abs error of flex and decomposed against reference (or decomposed if it did not run)."""
     baseline = "reference_fwd" if "reference_fwd" in outputs else "decomposed_fwd"
     errors = {}
-    for name in ("flex_fwd", "decomposed_fwd"):
+    for name in ("flex_fwd", "decomposed_fwd", "merged_fwd"):
         if name in outputs and name != baseline:
             diff = (outputs[name] - outputs[baseline]).abs().max().item()
             errors[name.removesuffix("_fwd")] = diff
@@ -217,8 +219,8 @@ def _grid_name(result: dict) -> str:
 def _format_row(result: dict) -> str:
     times = result["times_s"]
     cells = [f"{times[name]:9.3f}" if name in times else f"{'-':>9}"
-             for name in ("flex_fwd", "decomposed_fwd", "decomposed_fwd_bwd", "reference_fwd",
-                          "full_fwd")]
+             for name in ("flex_fwd", "decomposed_fwd", "merged_fwd", "decomposed_fwd_bwd",
+                          "reference_fwd", "full_fwd")]
     errors = result["max_abs_err"]
     worst = max(errors.values()) if errors else float("nan")
     return (f"{_grid_name(result):>10} {result['tokens']:>6} {' '.join(cells)} "
@@ -227,8 +229,9 @@ def _format_row(result: dict) -> str:
             f"{result['speedup_vs_full_cpu_time']:7.2f}x {worst:9.1e}")
 
 
-HEADER = (f"{'V x T x P':>10} {'N':>6} {'flex':>9} {'decomp':>9} {'dec f+b':>9} {'ref':>9} "
-          f"{'full':>9} {'speedup':>8} {'ideal':>7} {'frac':>6} {'cpu-spd':>8} {'max err':>9}")
+HEADER = (f"{'V x T x P':>10} {'N':>6} {'flex':>9} {'decomp':>9} {'merged':>9} {'dec f+b':>9} "
+          f"{'ref':>9} {'full':>9} {'speedup':>8} {'ideal':>7} {'frac':>6} {'cpu-spd':>8} "
+          f"{'max err':>9}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,14 @@ t == t', all in one softmax. Implementations of `fused_view_time_attention`:
   the other views, each key once; both score sets share one softmax. Queries are chunked so
   the score tensors stay within a memory budget; the backward pass recomputes the
   probabilities from the saved log-sum-exp.
-- ``auto``: ``flex`` when no gradient is needed and FlexAttention runs on the device,
-  else ``decomposed`` (also after flex has failed to compile on that device type).
+- ``merged``: exact, forward only (no gradient), no compilation: three fused SDPA calls -
+  own view over all timesteps, own timestep over all views, own frame - each returning its
+  log-sum-exp, merged as view + time - frame (the own frame's keys are in both of the first
+  two sets). Work V*T*P^2*(T+V+1) against the ideal V*T*P^2*(T+V-1), all of it in the CPU's
+  fused flash kernel.
+- ``auto``: without gradients ``merged`` on the CPU and ``flex`` where FlexAttention runs
+  (CUDA); with gradients ``decomposed`` (also after flex has failed to compile on that
+  device type).
 
 The softmax scale is 1/sqrt(hd) everywhere.
 """
@@ -31,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IMPLEMENTATIONS = ("auto", "flex", "decomposed", "reference")
+IMPLEMENTATIONS = ("auto", "flex", "decomposed", "merged", "reference")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class ViewTimeAttentionConfig:
     block_mask_cache_size: int = 32  # cached block masks, least recently used dropped
     flex_max_compiled_shapes: int = 64  # compiled flex kernels kept (one per grid shape)
     score_chunk_bytes: int = 32 * 2**20  # score tensor budget per chunk of `decomposed`
+    cpu_inference: str = "merged"  # what 'auto' runs on the CPU without gradients: or "flex"
 
 
 CONFIG = ViewTimeAttentionConfig()
@@ -523,20 +530,86 @@ def decomposed_view_time_attention(
     return _DecomposedViewTimeAttention.apply(q, k, v, num_views, num_steps, max(1, budget // 4))
 
 
+# ------------------------------------------------------------------------------- merged
+
+
+def _attention_with_lse(
+    q: Tensor,  # [..., L, hd]
+    k: Tensor,  # [..., S, hd]
+    v: Tensor,  # [..., S, hd]
+) -> tuple[Tensor, Tensor]:  # out [..., L, hd], log-sum-exp of the scaled scores [..., L]
+    lead = q.shape[:-2]
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16):
+        def four_d(x: Tensor) -> Tensor:
+            return x.reshape(-1, 1, *x.shape[-2:])
+
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            four_d(q), four_d(k), four_d(v))
+        return out.reshape(*lead, *out.shape[-2:]), lse.reshape(*lead, lse.shape[-1])
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    out = (torch.exp(scores - lse[..., None]).to(v.dtype)) @ v
+    return out, lse
+
+
+def merged_view_time_attention(
+    q: Tensor,  # [B, nh, N, hd]
+    k: Tensor,  # [B, nh, N, hd]
+    v: Tensor,  # [B, nh, N, hd]
+    num_views: int,
+    num_steps: int,
+) -> Tensor:  # [B, nh, N, hd]
+    """Exact fused view-time attention from three fused SDPA calls (no gradient)."""
+    P = _grid_tokens_per_frame(q, k, v, num_views, num_steps)
+    if _needs_grad(q, k, v):
+        raise ValueError("the merged kernel has no backward pass: use impl='decomposed' (or "
+                         "'flex' on CUDA) when gradients are needed")
+    B, nh, N, hd = q.shape
+    V, T, G = num_views, num_steps, B * nh
+
+    def by_view(x: Tensor) -> Tensor:  # -> [G, V, T*P, hd]
+        return x.reshape(G, V, T * P, hd)
+
+    def by_step(x: Tensor) -> Tensor:  # -> [G, T, V*P, hd]
+        return x.reshape(G, V, T, P, hd).transpose(1, 2).reshape(G, T, V * P, hd)
+
+    def by_frame(x: Tensor) -> Tensor:  # -> [G, V*T, P, hd]
+        return x.reshape(G, V * T, P, hd)
+
+    with torch.no_grad():
+        out_v, lse_v = _attention_with_lse(by_view(q), by_view(k), by_view(v))
+        out_t, lse_t = _attention_with_lse(by_step(q), by_step(k), by_step(v))
+        out_f, lse_f = _attention_with_lse(by_frame(q), by_frame(k), by_frame(v))
+        # back to [G, V, T, P, (hd)] grids
+        out_v, lse_v = out_v.reshape(G, V, T, P, hd), lse_v.reshape(G, V, T, P)
+        out_t = out_t.reshape(G, T, V, P, hd).transpose(1, 2)
+        lse_t = lse_t.reshape(G, T, V, P).transpose(1, 2)
+        out_f, lse_f = out_f.reshape(G, V, T, P, hd), lse_f.reshape(G, V, T, P)
+        shift = torch.maximum(lse_v, lse_t).float()
+        w_v, w_t, w_f = (torch.exp(x.float() - shift) for x in (lse_v, lse_t, lse_f))
+        total = (w_v + w_t - w_f)[..., None]  # >= w_v: the frame's keys are among the time keys
+        out = (w_v[..., None] * out_v.float() + w_t[..., None] * out_t.float()
+               - w_f[..., None] * out_f.float()) / total
+    return out.to(q.dtype).reshape(B, nh, N, hd)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
 def select_implementation(q: Tensor, k: Tensor, v: Tensor, impl: str = "auto") -> str:
-    """Resolve `impl`: 'auto' is 'flex' when no gradient is needed (grad mode off or no input
-    requires grad) and FlexAttention runs on the device, else 'decomposed'. If flex fails
-    under 'auto' (say, the compiler breaks), 'auto' warns once and uses 'decomposed' on that
-    device type from then on."""
+    """Resolve `impl`: when no gradient is needed (grad mode off or no input requires grad)
+    'auto' is 'merged' on the CPU and 'flex' where FlexAttention runs; otherwise
+    'decomposed'. If flex fails under 'auto' (say, the compiler breaks), 'auto' warns once and
+    uses 'decomposed' on that device type from then on."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if not _needs_grad(q, k, v) and flex_available(q.device):
-        return "flex"
+    if not _needs_grad(q, k, v):
+        if q.device.type == "cpu" and CONFIG.cpu_inference == "merged":
+            return "merged"
+        if flex_available(q.device):
+            return "flex"
     return "decomposed"
 
 
@@ -564,4 +637,6 @@ def fused_view_time_attention(
         return flex_view_time_attention(q, k, v, num_views, num_steps)
     if chosen == "decomposed":
         return decomposed_view_time_attention(q, k, v, num_views, num_steps)
+    if chosen == "merged":
+        return merged_view_time_attention(q, k, v, num_views, num_steps)
     return reference_attention(q, k, v, num_views, num_steps)

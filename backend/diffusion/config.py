@@ -9,7 +9,7 @@ from backend.diffusion.rope import rope_axis_pairs
 from backend.weights import config_from_dict, config_to_dict
 
 ATTENTION_KINDS = ("fused", "sequential", "parallel", "full")
-ATTENTION_IMPLS = ("auto", "flex", "decomposed", "reference")
+ATTENTION_IMPLS = ("auto", "flex", "decomposed", "merged", "reference")
 
 
 @dataclass

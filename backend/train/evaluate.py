@@ -46,8 +46,8 @@ class EvalConfig:
 
     Frame size comes from the model's `image_size`; `data_overrides` sets any other
     `DataConfig` field of the held-out generator (its seed, rigs, ...). `attention_impl`
-    None keeps the model's own on CUDA and uses "decomposed" on the CPU, where the compiled
-    FlexAttention kernel would first spend a minute or more compiling.
+    None keeps the model's own (normally "auto": the merged kernel on the CPU, compiled
+    FlexAttention on CUDA).
     """
 
     num_samples: int = 8
@@ -278,7 +278,7 @@ def run_evaluation(kind: str, weights: str | Path, config: EvalConfig) -> dict[s
     import imageio.v3 as iio
 
     device = pick_device(config.device)
-    impl = config.attention_impl or ("decomposed" if device.type == "cpu" else None)
+    impl = config.attention_impl
     model, model_config = load_model(kind, weights, device, impl)
     extra_views = config.recon_held_out_views if kind == "recon" else 0
     data = config.data_config(model_config.image_size, config.num_views + extra_views)
