@@ -210,7 +210,6 @@ def run_generate(ctx: JobContext, inputs: dict[str, Any]) -> None:
     frame = pipeline.rig_frame(c2w)
     c2w_n = frame.to_normalised(c2w)
     try:
-        pipeline.check_grid(models["diffusion"], V, T)
         grid, _ = pipeline.generate_grid(models["diffusion"], video, c2w_n, intr,
                                          inputs["freeze"], settings, _progress(ctx),
                                          ctx.job.cancel_event.is_set)

@@ -124,12 +124,50 @@ def test_reconstruction_follows_the_rig_to_any_scale_and_place(weights_dir):
         np.testing.assert_allclose(large.log_scales, small.log_scales + math.log(10), atol=1e-4)
 
 
-def test_grid_limits_are_stated(weights_dir):
+def test_grid_windows_cover_the_grid_with_view_zero_and_an_overlapping_column():
+    assert pipeline.grid_windows(3, 4, 4, 8) == [([0, 1, 2], [0, 1, 2, 3])]
+    assert pipeline.grid_windows(5, 2, 4, 4) == [([0, 1, 2, 3], [0, 1]), ([0, 4], [0, 1])]
+    assert pipeline.grid_windows(2, 10, 4, 4) == [([0, 1], [0, 1, 2, 3]), ([0, 1], [3, 4, 5, 6]),
+                                                  ([0, 1], [6, 7, 8, 9])]
+    windows = pipeline.grid_windows(8, 20, 4, 8)
+    covered = {(v, t) for views, steps in windows for v in views for t in steps}
+    assert covered == {(v, t) for v in range(8) for t in range(20)}
+    assert all(views[0] == 0 and len(views) <= 4 and len(steps) <= 8
+               for views, steps in windows)
+    with pytest.raises(pipeline.PipelineError, match="at least 2 timesteps"):
+        pipeline.grid_windows(2, 5, 4, 1)
+
+
+def test_window_size_is_the_trained_grid_within_the_rope_tables(weights_dir):
     diffusion = pipeline.load_model(pipeline.DIFFUSION_CLASS, weights_dir / "diffusion-test",
                                     "cpu")
-    with pytest.raises(pipeline.PipelineError, match="exceeds this model's limits of 4 views "
-                                                     "x 4 timesteps"):
-        pipeline.check_grid(diffusion, 5, 2)
+    assert pipeline.window_size(diffusion) == (4, 4)  # not recorded: max_views x t_max
+    diffusion.config.trained_grid = (3, 2)
+    assert pipeline.window_size(diffusion) == (3, 2)
+
+
+def test_a_grid_larger_than_a_window_keeps_inputs_and_fills_every_cell(weights_dir):
+    diffusion = pipeline.load_model(pipeline.DIFFUSION_CLASS, weights_dir / "diffusion-test",
+                                    "cpu")
+    diffusion.config.trained_grid = (3, 3)
+    V, T = 5, 7
+    c2w, intr = grid_rig(V, T, size=SIZE)
+    rng = np.random.default_rng(4)
+    video = rng.integers(0, 255, (T, SIZE, SIZE, 3), dtype=np.uint8)
+    freeze = rng.integers(0, 255, (V, SIZE, SIZE, 3), dtype=np.uint8)
+    events = []
+    grid, known = pipeline.generate_grid(
+        diffusion, video, pipeline.rig_frame(c2w).to_normalised(c2w), intr, freeze,
+        pipeline.GenerateSettings(steps=2), lambda *e: events.append(e))
+    assert grid.shape == (V, T, 3, SIZE, SIZE)
+    assert known[0].all() and known[:, 0].all() and not known[1:, 1:].any()
+    np.testing.assert_array_equal(pipeline.tensor_to_uint8(grid[0]), video)
+    np.testing.assert_array_equal(pipeline.tensor_to_uint8(grid[1:, 0]), freeze[1:])
+    windows = pipeline.grid_windows(V, T, 3, 3)
+    assert len(windows) == 2 * 3
+    assert [e[1] for e in events] == list(range(1, 2 * len(windows) + 1))
+    assert events[-1][2] == 2 * len(windows) and "window 6 of 6" in events[-1][3]
+    assert (grid[1:, 1:].std(dim=(2, 3, 4)) > 0).all()  # every generated cell was filled
 
 
 # ----------------------------------------------------------------- through the backend
@@ -254,10 +292,13 @@ def test_generate_refuses_bad_input_with_a_clear_error(client, change, code, wor
     assert client.wait(lambda m: m.type == "welcome", timeout=30)  # still serving
 
 
-def test_generate_refuses_grids_beyond_the_model(client):
-    outcome = client.run_job("generate", {"steps": 1}, video_arrays(5, 2), timeout=120)
-    assert outcome.final.type == "error" and outcome.final["code"] == "bad_input"
-    assert "limits of 4 views x 4 timesteps" in outcome.final["message"]
+def test_generate_runs_grids_beyond_one_window(client):
+    outcome = client.run_job("generate", {"steps": 1}, video_arrays(5, 6), timeout=300)
+    assert outcome.ok, outcome.final
+    grid = next(m.arrays["grid"] for m in outcome.results if m["content"] == "grid")
+    assert grid.shape[:2] == (5, 6)
+    assert sum(m["content"] == "gaussians" for m in outcome.results) == 6
+    assert any("window 4 of 4" in m.get("message", "") for m in outcome.progress)
 
 
 def test_unknown_model_name_lists_the_available_ones(client):

@@ -19,7 +19,9 @@ class DiffusionConfig:
     `image_size` is (height, width) of the model input at training time, in the units the
     model sees (pixels, or latents when an autoencoder sits in front). Any size divisible by
     `patch_size` works at inference. `t_max` bounds the number of timesteps: RoPE places
-    grid cell (v, t) at temporal position v * t_max + t.
+    grid cell (v, t) at temporal position v * t_max + t. `trained_grid` is the (views,
+    timesteps) grid the weights were trained on ((0, 0): not recorded); larger grids are
+    generated in windows of that size (see `backend.pipeline`).
     """
 
     in_channels: int = 3
@@ -38,9 +40,15 @@ class DiffusionConfig:
     use_camera_rays: bool = True
     cfg_dropout: float = 0.1
     image_size: tuple[int, int] = (64, 64)
+    trained_grid: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         self.image_size = tuple(self.image_size)
+        self.trained_grid = tuple(self.trained_grid)
+        if (len(self.trained_grid) != 2 or any(not isinstance(n, int) or n < 0
+                                               for n in self.trained_grid)):
+            raise ValueError(f"trained_grid must be (views, timesteps) >= 0, got "
+                             f"{self.trained_grid!r}")
         positive = ("in_channels", "patch_size", "width", "depth", "num_heads", "t_max",
                     "max_views")
         for name in positive:

@@ -94,6 +94,7 @@ class DiffusionTrainConfig(TrainLoopConfig):
             raise ValueError(f"model_overrides.image_size {overrides['image_size']} differs "
                              f"from the data's frame size {size}")
         overrides["image_size"] = size
+        overrides.setdefault("trained_grid", (self.data.num_views, self.data.num_steps))
         return DiffusionConfig.preset(self.preset, **overrides)
 
 
