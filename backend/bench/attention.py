@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=AttentionBenchConfig.repeats)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--shape", help="one grid VxTxP only, e.g. 8x16x256")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda given but CUDA is not available")
@@ -255,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         config.grids, config.tokens_per_frame = config.grids[:1], config.tokens_per_frame[:1]
     device = torch.device(args.device)
     shapes = [(V, T, P) for V, T in config.grids for P in config.tokens_per_frame]
+    if args.shape:
+        try:
+            shapes = [tuple(int(n) for n in args.shape.lower().split("x"))]
+        except ValueError:
+            raise ValueError(f"--shape: expected VxTxP such as 8x16x256, got {args.shape!r}") \
+                from None
+        if len(shapes[0]) != 3 or min(shapes[0]) < 1:
+            raise ValueError(f"--shape: expected three positive numbers, got {args.shape!r}")
     print(f"fused view-time attention, {config.num_heads} heads x {config.head_dim}, "
           f"B={config.batch}, float32, {device}, {torch.get_num_threads()} threads; "
           f"wall seconds, median of {config.repeats}")
