@@ -412,3 +412,61 @@ def test_training_times_shift_towards_noise_and_hit_pure_noise():
     assert float(mixed.min()) > 0.0
     with pytest.raises(ValueError, match="terminal_fraction"):
         sample_diffusion_time(4, terminal_fraction=1.5)
+
+
+def test_reference_frames_are_the_copy_baselines():
+    from backend.diffusion.model import reference_frames
+
+    B, V, T = 1, 3, 4
+    frames = torch.arange(B * V * T, dtype=torch.float32).reshape(B, V, T, 1, 1, 1)
+    frames = frames.expand(B, V, T, 2, 2, 2).clone()  # cell (v, t) holds the value 4v + t
+    both = torch.zeros(B, V, T, dtype=torch.bool)
+    both[:, 0] = True
+    both[:, :, 0] = True
+    _, _, reference, has = reference_frames(frames, both)
+    assert has.all()
+    assert torch.equal(reference[0, :, :, 0, 0, 0], torch.tensor(
+        [[0, 1, 2, 3], [4, 4, 4, 4], [8, 8, 8, 8]], dtype=torch.float32))  # own view's first
+    row = torch.zeros(B, V, T, dtype=torch.bool)
+    row[:, 0] = True
+    by_view, by_time, reference, has = reference_frames(frames, row)
+    assert torch.equal(reference[0, :, :, 0, 0, 0], torch.tensor(
+        [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]], dtype=torch.float32))  # row 0, same t
+    assert by_view[0, 1:].abs().max() == 0 and torch.equal(by_time, reference)
+    sparse = torch.zeros(B, V, T, dtype=torch.bool)
+    sparse[0, 1, 3] = True  # one given cell: nearest in time within view 1, else same t
+    _, _, reference, has = reference_frames(frames, sparse)
+    assert torch.equal(has[0], torch.tensor([[False, False, False, True], [True] * 4,
+                                             [False, False, False, True]]))
+    assert torch.equal(reference[0, :, :, 0, 0, 0], torch.tensor(
+        [[0, 0, 0, 7], [7, 7, 7, 7], [0, 0, 0, 7]], dtype=torch.float32))
+    ties = torch.zeros(B, V, T, dtype=torch.bool)
+    ties[0, 0, 0] = ties[0, 0, 2] = True
+    _, _, reference, _ = reference_frames(frames, ties)
+    assert reference[0, 0, 1, 0, 0, 0] == 0  # equally near: the earlier frame
+
+
+def test_fresh_reference_model_starts_at_the_copy_baseline():
+    from backend.diffusion.model import reference_frames
+
+    config = DiffusionConfig(patch_size=4, width=32, depth=1, num_heads=1, t_max=4,
+                             max_views=4, use_camera_rays=False, reference_conditioning=True,
+                             image_size=(8, 8))
+    model = VideoDiT(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    z = torch.rand(2, 3, 4, 3, 8, 8, generator=generator) * 2 - 1
+    eps = torch.randn(z.shape, generator=generator)
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    mask[:, 0] = True
+    mask[0, :, 0] = True  # sample 0: row and column; sample 1: row only
+    with torch.no_grad():
+        velocity = model(eps, torch.ones(2), z, mask)
+        estimate = eps - velocity  # x0 at s = 1
+        _, _, reference, _ = reference_frames(z, mask)
+        torch.testing.assert_close(estimate, reference, rtol=0, atol=1e-6)
+        dropped = model(eps, torch.ones(2), z, mask, drop_conditioning=True)
+    assert dropped.abs().max() < 1e-6  # the null branch has no references: zero velocity
+    loss = rectified_flow_loss(model.train(), z, mask, s=torch.ones(2), cfg_dropout=0.0,
+                               generator=generator)
+    loss.backward()
+    assert model.ref_embed.weight.grad is not None

@@ -21,7 +21,9 @@ class DiffusionConfig:
     `patch_size` works at inference. `t_max` bounds the number of timesteps: RoPE places
     grid cell (v, t) at temporal position v * t_max + t. `trained_grid` is the (views,
     timesteps) grid the weights were trained on ((0, 0): not recorded); larger grids are
-    generated in windows of that size (see `backend.pipeline`).
+    generated in windows of that size (see `backend.pipeline`). `reference_conditioning`
+    gives every cell its reference frames (see `reference_frames`) as extra input and makes
+    the prediction a correction of the nearest one (beyond the paper; for small models).
     """
 
     in_channels: int = 3
@@ -41,6 +43,7 @@ class DiffusionConfig:
     cfg_dropout: float = 0.1
     image_size: tuple[int, int] = (64, 64)
     trained_grid: tuple[int, int] = (0, 0)
+    reference_conditioning: bool = False
 
     def __post_init__(self) -> None:
         self.image_size = tuple(self.image_size)

@@ -184,6 +184,40 @@ class VideoDiTBlock(nn.Module):
         return x + gate[:, None] * self.mlp(modulate(self.norm(x), shift, scale))
 
 
+def _nearest_given(given: Tensor, axis_size: int) -> tuple[Tensor, Tensor]:
+    """For each position along the last axis of `given` [..., L] (bool), the index of the
+    nearest True position (earlier one on ties) and whether there is any: [..., L] each."""
+    position = torch.arange(axis_size, device=given.device, dtype=torch.float32)
+    distance = (position[:, None] - position[None, :]).abs()  # [L (to), L (from)]
+    distance = distance + 0.25 * (position[None, :] > position[:, None])  # ties: earlier
+    cost = torch.where(given[..., None, :], distance, float("inf"))  # [..., L, L]
+    return cost.argmin(dim=-1), given.any(dim=-1, keepdim=True).expand_as(given)
+
+
+def reference_frames(
+    cond_frames: Tensor,  # [B, V, T, C, H, W]
+    cell_mask: Tensor,  # [B, V, T] bool, True = given
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The frames each cell can lean on: its own view's given frame nearest in time
+    (`by_view`), and the given frame at its own timestep in the nearest view (`by_time`),
+    each [B, V, T, C, H, W] (zero where there is none), plus `reference` - by_view where
+    its view has a given frame, else by_time - and `has_reference` [B, V, T] bool.
+
+    Given row 0 and column 0, a cell's reference is its view's first frame; given row 0
+    only, it is the input view's frame at the same timestep: the two copy baselines."""
+    B, V, T = cell_mask.shape
+    lead = (B, V, T, *cond_frames.shape[3:])
+    t_index, has_view = _nearest_given(cell_mask, T)  # [B, V, T]
+    by_view = torch.gather(cond_frames, 2, t_index.reshape(B, V, T, 1, 1, 1).expand(lead))
+    v_index, has_time = _nearest_given(cell_mask.transpose(1, 2), V)  # [B, T, V]
+    v_index, has_time = v_index.transpose(1, 2), has_time.transpose(1, 2)  # [B, V, T]
+    by_time = torch.gather(cond_frames, 1, v_index.reshape(B, V, T, 1, 1, 1).expand(lead))
+    by_view = torch.where(has_view[..., None, None, None], by_view, 0.0)
+    by_time = torch.where(has_time[..., None, None, None], by_time, 0.0)
+    reference = torch.where(has_view[..., None, None, None], by_view, by_time)
+    return by_view, by_time, reference, has_view | has_time
+
+
 class VideoDiT(nn.Module):
     """Velocity predictor for a [B, V, T, C, H, W] grid of frames; see the module docstring."""
 
@@ -201,6 +235,9 @@ class VideoDiT(nn.Module):
             self.null_cond_embedding = nn.Parameter(torch.zeros(D))
         if config.use_camera_rays:
             self.ray_embed = nn.Linear(RAY_CHANNELS * p * p, D)
+        if config.reference_conditioning:
+            self.ref_embed = nn.Linear(2 * C * p * p, D)
+            self.ref_embedding = nn.Parameter(torch.zeros(D))
         self.blocks = nn.ModuleList(VideoDiTBlock(config) for _ in range(config.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaln_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
@@ -226,6 +263,8 @@ class VideoDiT(nn.Module):
         if self.config.use_cell_conditioning:
             nn.init.normal_(self.given_embedding, std=0.02)
             nn.init.normal_(self.null_cond_embedding, std=0.02)
+        if self.config.reference_conditioning:
+            nn.init.normal_(self.ref_embedding, std=0.02)
 
     def _check_inputs(self, x: Tensor, s: Tensor, cond_frames: Tensor, cell_mask: Tensor,
                       rays: Tensor | None, context: Tensor | None) -> None:
@@ -286,6 +325,10 @@ class VideoDiT(nn.Module):
         drop_conditioning: True or [B] bool - the unconditional branch of classifier-free
         guidance: given frames and context are replaced by null values, while which cells
         are given stays visible. Returns [B, V, T, C, H, W].
+
+        With `reference_conditioning` each cell also sees its reference frames, and where it
+        has one the output is `x - reference` plus the network's correction: at s = 1 (pure
+        noise) a fresh model's estimate of the clean cell, x - velocity, is the reference.
         """
         self._check_inputs(x, s, cond_frames, cell_mask, rays, context)
         cfg = self.config
@@ -296,6 +339,15 @@ class VideoDiT(nn.Module):
         tokens = self.x_embed(patchify(x, cfg.patch_size))  # [B, N, D]
         if cfg.use_cell_conditioning:
             tokens = self._condition_tokens(tokens, cond_frames, cell_mask, drop)
+        has_ref = None
+        if cfg.reference_conditioning:
+            keep = cell_mask & ~drop[:, None, None]  # the null branch has no references
+            by_view, by_time, reference, has_ref = reference_frames(cond_frames, keep)
+            pair = torch.cat([by_view, by_time], dim=3)  # [B, V, T, 2C, H, W]
+            per_cell = tokens.shape[1] // (V * T)
+            flag = has_ref.reshape(B, V * T).repeat_interleave(per_cell, dim=1)[..., None]
+            tokens = tokens + self.ref_embed(patchify(pair, cfg.patch_size)) \
+                + torch.where(flag, self.ref_embedding, 0.0)
         if rays is not None:
             tokens = tokens + self.ray_embed(patchify(rays.to(tokens.dtype), cfg.patch_size))
         if context is not None:
@@ -311,4 +363,7 @@ class VideoDiT(nn.Module):
                 tokens = block(*args)
         shift, scale = self.adaln_out(time_emb).chunk(2, dim=-1)  # each [B, D]
         out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))  # [B, N, C*p*p]
-        return unpatchify(out, V, T, H, W, cfg.patch_size)
+        velocity = unpatchify(out, V, T, H, W, cfg.patch_size)
+        if has_ref is not None:
+            velocity = velocity + torch.where(has_ref[..., None, None, None], x - reference, 0.0)
+        return velocity
