@@ -413,3 +413,14 @@ def test_export_writes_half_precision_weights_that_load(tmp_path):
         0.6 * (tmp_path / "full" / "model.safetensors").stat().st_size
     assert main(["export", "--weights", str(tmp_path / "nowhere"), "--output",
                  str(tmp_path / "x")]) == 2
+
+
+def test_interior_held_out_views_skip_the_rig_ends():
+    from backend.train.evaluate import held_out_views
+
+    rng = np.random.default_rng(0)
+    drawn = {v for _ in range(50) for v in held_out_views(6, 2, True, rng)}
+    assert drawn == {1, 2, 3, 4}
+    anywhere = {v for _ in range(50) for v in held_out_views(6, 2, False, rng)}
+    assert anywhere == set(range(6))
+    assert len(held_out_views(3, 2, True, rng)) == 2  # too few interior views: any two

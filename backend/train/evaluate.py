@@ -203,36 +203,67 @@ def evaluate_diffusion(model: VideoDiT, samples: list[Sample], config: EvalConfi
     return report, images
 
 
+def held_out_views(num_views: int, count: int, interior: bool,
+                   rng: np.random.Generator) -> list[int]:
+    """Views to hold out of a sample: random ones, or with `interior` random ones that are
+    neither the rig's first nor its last camera (so that on arcs they are interpolated,
+    not extrapolated; on rings every view is interior anyway)."""
+    pool = range(1, num_views - 1) if interior and num_views - 2 >= count else range(num_views)
+    return sorted(int(v) for v in rng.choice(list(pool), count, replace=False))
+
+
 def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
                    device: torch.device) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Scores of renders at held-out views (and at the input views) and an image grid."""
-    held_psnr, held_ssim, input_psnr, truths, renders = [], [], [], [], []
+    """Scores of renders at held-out views (and at the input views) and an image grid.
+
+    `psnr_recon`/`ssim_recon` hold out interior views of each rig; `*_any_views` hold out
+    views drawn from the whole rig, first and last camera included (extrapolation on arcs).
+    Parts of the backdrop that no input view saw hold no Gaussians: renders fill them with
+    the mean colour of the input frames (`*_black_background`: with black, as trained)."""
+    scores: dict[str, list[Tensor]] = {k: [] for k in ("held", "held_ssim", "inputs", "any",
+                                                      "any_ssim", "black")}
+    truths, renders = [], []
     for sample in samples:
-        rng = np.random.default_rng([config.seed, sample.index])
-        held = sorted(int(v) for v in rng.choice(sample.num_views,
-                                                 config.recon_held_out_views, replace=False))
-        inputs = [v for v in range(sample.num_views) if v not in held]
         frames = sample.frames[None].to(device)  # [1, V, T, 3, H, W]
         c2w, intr = sample.c2w[None].to(device), sample.intrinsics[None].to(device)
-        with torch.no_grad():
-            out = model(frames[:, inputs], c2w[:, inputs], intr[:, inputs])
-            H, W = frames.shape[-2:]
-            rgb = render_gaussian_batch(out.gaussians, c2w, intr, H, W).rgb.clamp(0, 1).cpu()
-        truth = sample.frames[None]
-        all_views = torch.ones(sample.num_views, sample.num_steps, dtype=torch.bool)
-        is_held = torch.zeros_like(all_views)
-        is_held[held] = True
-        p, s = scored_cells(rgb, truth, is_held)
-        held_psnr.append(p)
-        held_ssim.append(s)
-        input_psnr.append(scored_cells(rgb, truth, all_views & ~is_held)[0])
-        truths.append(truth[0, held])
-        renders.append(rgb[0, held])
+        H, W = frames.shape[-2:]
+        for interior in (True, False):
+            rng = np.random.default_rng([config.seed, sample.index])
+            held = held_out_views(sample.num_views, config.recon_held_out_views, interior, rng)
+            inputs = [v for v in range(sample.num_views) if v not in held]
+            background = frames[0, inputs].mean(dim=(0, 1, 3, 4))  # [3]
+            with torch.no_grad():
+                out = model(frames[:, inputs], c2w[:, inputs], intr[:, inputs])
+                rgb = render_gaussian_batch(out.gaussians, c2w, intr, H, W,
+                                            background=background).rgb.clamp(0, 1)
+                black = None
+                if interior:
+                    black = render_gaussian_batch(out.gaussians, c2w, intr, H, W).rgb
+            rgb, truth = rgb.cpu(), sample.frames[None]
+            is_held = torch.zeros(sample.num_views, sample.num_steps, dtype=torch.bool)
+            is_held[held] = True
+            p, s = scored_cells(rgb, truth, is_held)
+            if black is not None:
+                scores["black"].append(scored_cells(black.clamp(0, 1).cpu(), truth, is_held)[0])
+            if interior:
+                scores["held"].append(p)
+                scores["held_ssim"].append(s)
+                scores["inputs"].append(scored_cells(rgb, truth, ~is_held)[0])
+                truths.append(truth[0, held])
+                renders.append(rgb[0, held])
+            else:
+                scores["any"].append(p)
+                scores["any_ssim"].append(s)
     shown = slice(0, config.grid_samples)
-    report = {"model": "recon", "psnr_recon": float(torch.cat(held_psnr).mean()),
-              "ssim_recon": float(torch.cat(held_ssim).mean()),
-              "psnr_recon_input_views": float(torch.cat(input_psnr).mean()),
-              "input_views": config.num_views, "held_out_views": config.recon_held_out_views}
+
+    def mean(key: str) -> float:
+        return float(torch.cat(scores[key]).mean())
+
+    report = {"model": "recon", "psnr_recon": mean("held"), "ssim_recon": mean("held_ssim"),
+              "psnr_recon_input_views": mean("inputs"), "psnr_recon_any_views": mean("any"),
+              "ssim_recon_any_views": mean("any_ssim"),
+              "psnr_recon_black_background": mean("black"), "input_views": config.num_views,
+              "held_out_views": config.recon_held_out_views}
     grid = image_grid(torch.stack(truths[shown]), torch.stack(renders[shown]))
     return report, {"recon": grid}
 
