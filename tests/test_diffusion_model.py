@@ -451,7 +451,7 @@ def test_fresh_reference_model_starts_at_the_copy_baseline():
 
     config = DiffusionConfig(patch_size=4, width=32, depth=1, num_heads=1, t_max=4,
                              max_views=4, use_camera_rays=False, reference_conditioning=True,
-                             image_size=(8, 8))
+                             prediction="x0", image_size=(8, 8))
     model = VideoDiT(config).eval()
     generator = torch.Generator().manual_seed(0)
     z = torch.rand(2, 3, 4, 3, 8, 8, generator=generator) * 2 - 1
@@ -465,8 +465,27 @@ def test_fresh_reference_model_starts_at_the_copy_baseline():
         _, _, reference, _ = reference_frames(z, mask)
         torch.testing.assert_close(estimate, reference, rtol=0, atol=1e-6)
         dropped = model(eps, torch.ones(2), z, mask, drop_conditioning=True)
-    assert dropped.abs().max() < 1e-6  # the null branch has no references: zero velocity
-    loss = rectified_flow_loss(model.train(), z, mask, s=torch.ones(2), cfg_dropout=0.0,
-                               generator=generator)
+    assert (eps - dropped).abs().max() < 1e-6  # the null branch has no references: x0 = 0
+    s = torch.tensor([1.0, 0.3])
+    loss = rectified_flow_loss(model.train(), z, mask, s=s, cfg_dropout=0.0,
+                               generator=torch.Generator().manual_seed(1))
+    # a fresh model's x0 error is the copy baseline's error, at every diffusion time
+    copy_error = ((reference - z).square().mean(dim=(3, 4, 5)) * ~mask).sum() / (~mask).sum()
+    torch.testing.assert_close(loss, copy_error, rtol=1e-5, atol=1e-7)
     loss.backward()
     assert model.ref_embed.weight.grad is not None
+
+
+def test_x0_model_samples_in_one_step_to_its_estimate():
+    config = DiffusionConfig(patch_size=4, width=32, depth=1, num_heads=1, t_max=4,
+                             max_views=4, use_camera_rays=False, reference_conditioning=True,
+                             prediction="x0", image_size=(8, 8))
+    model = VideoDiT(config).eval()
+    z = torch.rand(1, 2, 3, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    mask = torch.zeros(1, 2, 3, dtype=torch.bool)
+    mask[:, 0] = True
+    mask[:, :, 0] = True
+    out = EulerSampler(steps=1).sample(model, z, mask)
+    torch.testing.assert_close(out[0, 1], z[0, 1, :1].expand(3, 3, 8, 8))  # the copy baseline
+    several = EulerSampler(steps=4).sample(model, z, mask)
+    torch.testing.assert_close(several, out, rtol=0, atol=1e-5)  # a fixed point of the flow

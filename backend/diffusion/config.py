@@ -9,6 +9,7 @@ from backend.diffusion.rope import rope_axis_pairs
 from backend.weights import config_from_dict, config_to_dict
 
 ATTENTION_KINDS = ("fused", "sequential", "parallel", "full")
+PREDICTIONS = ("velocity", "x0")
 ATTENTION_IMPLS = ("auto", "flex", "decomposed", "merged", "reference")
 
 
@@ -22,8 +23,11 @@ class DiffusionConfig:
     grid cell (v, t) at temporal position v * t_max + t. `trained_grid` is the (views,
     timesteps) grid the weights were trained on ((0, 0): not recorded); larger grids are
     generated in windows of that size (see `backend.pipeline`). `reference_conditioning`
-    gives every cell its reference frames (see `reference_frames`) as extra input and makes
-    the prediction a correction of the nearest one (beyond the paper; for small models).
+    gives every cell its reference frames (see `reference_frames`) as extra input (beyond
+    the paper; for small models). `prediction` "x0" makes the network estimate the clean
+    frames - with reference conditioning as a correction of the nearest reference, so a
+    fresh model starts at the copy baseline - and the model still returns the velocity
+    (x - x0) / s; its training loss is then the plain x0 error (see `rectified_flow_loss`).
     """
 
     in_channels: int = 3
@@ -44,10 +48,13 @@ class DiffusionConfig:
     image_size: tuple[int, int] = (64, 64)
     trained_grid: tuple[int, int] = (0, 0)
     reference_conditioning: bool = False
+    prediction: str = "velocity"  # what the network outputs: "velocity" or "x0"
 
     def __post_init__(self) -> None:
         self.image_size = tuple(self.image_size)
         self.trained_grid = tuple(self.trained_grid)
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if (len(self.trained_grid) != 2 or any(not isinstance(n, int) or n < 0
                                                for n in self.trained_grid)):
             raise ValueError(f"trained_grid must be (views, timesteps) >= 0, got "

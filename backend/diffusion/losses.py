@@ -1,10 +1,12 @@
 """Rectified-flow training loss for the grid model.
 
 x_s = (1 - s) z + s eps, target v = eps - z, mean squared error over the cells that are
-not given. Diffusion times are drawn logit-normal by default (s = sigmoid(n), n ~ N(0, 1)),
-which puts more training on middle noise levels than uniform sampling does and is the
-common choice for rectified-flow image and video models; the paper does not name its
-distribution. Classifier-free-guidance dropout is drawn per sample here, while training.
+not given (for x0-predicting models the error of the clean-frame estimate instead, which is
+the velocity error times s). Diffusion times are drawn logit-normal by default
+(s = sigmoid(n), n ~ N(0, 1)), which puts more training on middle noise levels than
+uniform sampling does and is the common choice for rectified-flow image and video models;
+the paper does not name its distribution. Classifier-free-guidance dropout is drawn per
+sample here, while training.
 """
 
 from __future__ import annotations
@@ -88,11 +90,18 @@ def rectified_flow_loss(model: nn.Module, z: Tensor, cell_mask: Tensor,
     s_grid = s.to(z.dtype).reshape(B, 1, 1, 1, 1, 1)
     x_s = (1 - s_grid) * z + s_grid * eps  # [B, V, T, C, H, W]
     if cfg_dropout is None:
-        cfg_dropout = model.config.cfg_dropout
+        cfg_dropout = getattr(model, "module", model).config.cfg_dropout
     drop = None
     if model.training and cfg_dropout > 0:
         draw = torch.rand(B, generator=generator, device=gen_device).to(z.device)
         drop = draw < cfg_dropout  # [B]
     prediction = model(x_s, s, z, cell_mask, rays=rays, context=context,
                        drop_conditioning=drop)
+    config = getattr(model, "module", model).config  # DistributedDataParallel wraps it
+    if config.prediction == "x0":
+        # velocity error = x0 error / s: weight by s^2 to train on the plain x0 error
+        from backend.diffusion.model import X0_MIN_TIME
+
+        weight = s.clamp(min=X0_MIN_TIME).to(prediction.dtype).reshape(B, 1, 1, 1, 1, 1)
+        return masked_cell_mse(prediction * weight, (eps - z) * weight, cell_mask)
     return masked_cell_mse(prediction, eps - z, cell_mask)

@@ -184,6 +184,9 @@ class VideoDiTBlock(nn.Module):
         return x + gate[:, None] * self.mlp(modulate(self.norm(x), shift, scale))
 
 
+X0_MIN_TIME = 0.02  # x0-predicting models divide by s: keep the velocity finite near s = 0
+
+
 def _nearest_given(given: Tensor, axis_size: int) -> tuple[Tensor, Tensor]:
     """For each position along the last axis of `given` [..., L] (bool), the index of the
     nearest True position (earlier one on ties) and whether there is any: [..., L] each."""
@@ -326,9 +329,10 @@ class VideoDiT(nn.Module):
         guidance: given frames and context are replaced by null values, while which cells
         are given stays visible. Returns [B, V, T, C, H, W].
 
-        With `reference_conditioning` each cell also sees its reference frames, and where it
-        has one the output is `x - reference` plus the network's correction: at s = 1 (pure
-        noise) a fresh model's estimate of the clean cell, x - velocity, is the reference.
+        With `reference_conditioning` each cell also sees its reference frames. With
+        `prediction` "x0" the network estimates the clean cells (where a cell has a reference,
+        as the reference plus a correction) and the velocity returned is (x - x0) / s, s
+        clamped at `X0_MIN_TIME`: a fresh model's estimate is the reference itself.
         """
         self._check_inputs(x, s, cond_frames, cell_mask, rays, context)
         cfg = self.config
@@ -363,7 +367,10 @@ class VideoDiT(nn.Module):
                 tokens = block(*args)
         shift, scale = self.adaln_out(time_emb).chunk(2, dim=-1)  # each [B, D]
         out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))  # [B, N, C*p*p]
-        velocity = unpatchify(out, V, T, H, W, cfg.patch_size)
+        out = unpatchify(out, V, T, H, W, cfg.patch_size)
+        if cfg.prediction == "velocity":
+            return out
         if has_ref is not None:
-            velocity = velocity + torch.where(has_ref[..., None, None, None], x - reference, 0.0)
-        return velocity
+            out = out + torch.where(has_ref[..., None, None, None], reference, 0.0)
+        s_grid = s.clamp(min=X0_MIN_TIME).to(out.dtype).reshape(B, 1, 1, 1, 1, 1)
+        return (x - out) / s_grid
