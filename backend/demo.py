@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SETTINGS = ("row_and_column", "row_only")
+DEMO_MARKER = ".fourreal-demo"  # marks a folder the demo may clear
 
 
 @dataclass
@@ -49,7 +50,7 @@ class DemoConfig:
     frames: int = 8
     resolution: int = 128
     samples: int = 16  # Cycles samples per pixel
-    steps: int = 4  # diffusion sampler steps
+    steps: int = 1  # diffusion sampler steps (the shipped model is best in one)
     seed: int = 0
     setting: str = "row_and_column"
     refine_steps: int = 0
@@ -289,6 +290,17 @@ def write_comparison(folder: Path, truth, generated, rendered, given: np.ndarray
     return path
 
 
+def write_render_strip(path: Path, truth: np.ndarray, rendered: np.ndarray) -> Path:
+    """Blender's render of the scene (top row) and of the imported Gaussians (bottom row),
+    one column per frame: [T, H, W, 3] each."""
+    import imageio.v3 as iio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [np.concatenate(list(frames), axis=1) for frames in (truth, rendered)]
+    iio.imwrite(path, np.concatenate(rows, axis=0))
+    return path
+
+
 # --------------------------------------------------------------------------------- run
 
 def run(config: DemoConfig) -> dict:
@@ -300,9 +312,13 @@ def run(config: DemoConfig) -> dict:
     if config.setting not in SETTINGS:
         raise ValueError(f"--setting must be one of {SETTINGS}, got {config.setting!r}")
     out = Path(config.out)
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / "report.json").is_file() and not (out / DEMO_MARKER).is_file():
+            raise ValueError(f"--out {out} is not empty and holds no earlier demo: choose "
+                             "an empty or new folder")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by python -m backend.demo; replaced on each run\n")
     timings: dict[str, float] = {}
     started = clock = time.perf_counter()
 
@@ -373,6 +389,7 @@ def run(config: DemoConfig) -> dict:
         hide_scene_content(False)
         write_video(out / "render.mp4", np.concatenate([truth_novel, gaussian_render], axis=2),
                     fps=scene.render.fps)
+        write_render_strip(out / "docs" / "render.png", truth_novel, gaussian_render)
         bpy.ops.wm.save_as_mainfile(filepath=str(out / "scene.blend"))
         lap("export_render_save")
 
@@ -443,7 +460,7 @@ def summary(report: dict) -> str:
         f"timesteps; total {t['total']:.0f} s (" + ", ".join(
             f"{k} {v:.0f} s" for k, v in t.items() if k != "total") + ")",
         f"  outputs in {Path(report['outputs']['grid.mp4']).parent}: grid.mp4, gaussians/, "
-        f"scene.blend, render.mp4, report.json, docs/comparison.png",
+        f"scene.blend, render.mp4, report.json, docs/comparison.png, docs/render.png",
     ])
 
 

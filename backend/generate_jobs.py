@@ -9,7 +9,7 @@ generate:    rig (c2w [V, T, 4, 4], intrinsics [V, T, 6], optional near_far [V, 
              timestep (fields index, of, frame = timestep).
 reconstruct: rig + `images` [V, T, H, W, 3] uint8 -> one `gaussians` result per timestep.
 
-params (all optional): seed, steps (sampler steps, default 4), guidance (1 = off), shift,
+params (all optional): seed, steps (sampler steps, default 1), guidance (1 = off), shift,
 refine_steps (0 = no per-scene refinement), refine_lr, min_opacity, diffusion_model and
 recon_model (names from `hello`'s model list; default the first shipped model of each kind),
 fps (of the preview video). Frames of any size are resized to the models' size, the
@@ -28,9 +28,10 @@ from backend import protocol
 from backend.jobs import JobCancelled, JobContext, register
 
 MAX_INPUT_PIXELS = 4096 * 4096
+MAX_VIEWS, MAX_TIMESTEPS, MAX_CELLS = 64, 512, 4096  # grid size limits of one job
 INT_PARAMS = {"seed": (0, 2**63 - 1), "steps": (1, 1000), "refine_steps": (0, 100000)}
 FLOAT_PARAMS = {"guidance": (0.0, 100.0), "shift": (1e-3, 1e3), "refine_lr": (1e-6, 10.0),
-                "min_opacity": (0.0, 1.0), "fps": (0.1, 1000.0)}
+                "min_opacity": (0.0, 0.99), "fps": (0.1, 1000.0)}
 NAME_PARAMS = ("diffusion_model", "recon_model")
 
 
@@ -39,10 +40,22 @@ def _rig(msg: protocol.Message) -> dict[str, np.ndarray]:
     intr = protocol.require_array(msg, "intrinsics", ndim=3, trailing=(6,), kinds="f")
     near_far = msg.arrays.get("near_far")
     protocol.validate_rig(c2w, intr, near_far)
-    if c2w.shape[0] < 2 or c2w.shape[1] < 1:
+    V, T = c2w.shape[:2]
+    if V < 2 or T < 1:
         raise protocol.ProtocolError("bad_input", f"the rig needs at least 2 views, got "
-                                     f"{c2w.shape[0]} views x {c2w.shape[1]} timesteps", "c2w")
-    return {"c2w": np.array(c2w, np.float64), "intrinsics": np.array(intr, np.float64)}
+                                     f"{V} views x {T} timesteps", "c2w")
+    if V > MAX_VIEWS or T > MAX_TIMESTEPS or V * T > MAX_CELLS:
+        raise protocol.ProtocolError(
+            "too_large", f"a grid of {V} views x {T} timesteps exceeds the limits of "
+            f"{MAX_VIEWS} views, {MAX_TIMESTEPS} timesteps and {MAX_CELLS} frames", "c2w")
+    from backend.pipeline import PipelineError, rig_frame
+
+    c2w = np.array(c2w, np.float64)
+    try:
+        frame = rig_frame(c2w)
+    except PipelineError as exc:
+        raise protocol.ProtocolError("bad_camera", str(exc), "c2w") from None
+    return {"c2w": c2w, "intrinsics": np.array(intr, np.float64), "frame": frame}
 
 
 def _frames(msg: protocol.Message, name: str, lead: tuple[int, ...], what: str) -> np.ndarray:
@@ -50,6 +63,9 @@ def _frames(msg: protocol.Message, name: str, lead: tuple[int, ...], what: str) 
     arr = protocol.require_array(msg, name, ndim=len(lead) + 3, trailing=(3,), kinds="u")
     if arr.dtype != np.uint8:
         raise protocol.ProtocolError("bad_array", f"{name} must be uint8, got {arr.dtype}", name)
+    if min(arr.shape[-3:-1]) < 1:
+        raise protocol.ProtocolError("bad_input", f"{name}: empty frames of shape "
+                                     f"{list(arr.shape)}", name)
     if tuple(arr.shape[:len(lead)]) != lead:
         raise protocol.ProtocolError("bad_input", f"{name} must hold {what} {list(lead)}, got "
                                      f"shape {list(arr.shape)}", name)
@@ -175,7 +191,17 @@ def read_video(path: str, num_frames: int) -> np.ndarray:  # -> [T, H, W, 3] uin
     frames = []
     try:
         for frame in iio.imiter(path):
-            frames.append(np.asarray(frame)[..., :3])
+            frame = np.asarray(frame)
+            if frame.ndim != 3 or frame.shape[-1] < 3 or frame.dtype != np.uint8:
+                raise ValueError(f"frame {len(frames)} is {frame.dtype} {list(frame.shape)}, "
+                                 "not 8-bit RGB")
+            if frames and frame.shape != frames[0].shape[:2] + frame.shape[2:]:
+                raise ValueError(f"frame {len(frames)} is {list(frame.shape)}, frame 0 "
+                                 f"{list(frames[0].shape)}")
+            if frame.shape[0] * frame.shape[1] > MAX_INPUT_PIXELS:
+                raise ValueError(f"frames of {frame.shape[1]}x{frame.shape[0]} exceed "
+                                 f"{MAX_INPUT_PIXELS} pixels")
+            frames.append(frame[..., :3])
             if len(frames) == num_frames:
                 break
     except Exception as exc:  # imageio raises many kinds for unreadable files
@@ -185,11 +211,7 @@ def read_video(path: str, num_frames: int) -> np.ndarray:  # -> [T, H, W, 3] uin
         raise protocol.ProtocolError("bad_input", f"params.video_path: {path!r} has "
                                      f"{len(frames)} frames, the rig has {num_frames} timesteps",
                                      "params")
-    video = np.stack(frames).astype(np.uint8)
-    if video.ndim != 4:
-        raise protocol.ProtocolError("bad_input", f"params.video_path: {path!r} is not an RGB "
-                                     "video", "params")
-    return video
+    return np.stack(frames)
 
 
 @register("generate", "input video (row 0) [+ freeze-time column] + rig -> generated grid "
@@ -207,14 +229,14 @@ def run_generate(ctx: JobContext, inputs: dict[str, Any]) -> None:
         video = read_video(inputs["video_path"], T)
         _check_video_aspect(video, intr)
     models = _models(ctx, params, need_diffusion=True)
-    frame = pipeline.rig_frame(c2w)
+    frame = inputs["frame"]
     c2w_n = frame.to_normalised(c2w)
     try:
         grid, _ = pipeline.generate_grid(models["diffusion"], video, c2w_n, intr,
                                          inputs["freeze"], settings, _progress(ctx),
                                          ctx.job.cancel_event.is_set)
     except pipeline.PipelineError as exc:
-        raise protocol.ProtocolError("bad_input", str(exc), "c2w") from None
+        raise protocol.ProtocolError("bad_input", str(exc)) from None
     except SamplingCancelled:
         raise JobCancelled(ctx.job.id) from None
     grid_u8 = pipeline.tensor_to_uint8(grid)  # [V, T, h, w, 3]
@@ -251,7 +273,7 @@ def run_reconstruct(ctx: JobContext, inputs: dict[str, Any]) -> None:
 
     params, settings = inputs["params"], _settings(inputs["params"])
     models = _models(ctx, params, need_diffusion=False)
-    frame = pipeline.rig_frame(inputs["c2w"])
+    frame = inputs["frame"]
     c2w_n = frame.to_normalised(inputs["c2w"])
     size = tuple(models["recon"].config.image_size)
     grid = pipeline.frames_to_tensor(inputs["images"], size)  # [V, T, 3, h, w]

@@ -44,8 +44,8 @@ class FourRealSettings(bpy.types.PropertyGroup):
         name="Freeze-Time Images", subtype="DIR_PATH",
         description="Optional: one image per view at the first timestep, ordered by name")
     seed: IntProperty(name="Seed", default=0, min=0)
-    steps: IntProperty(name="Sampling Steps", default=4, min=1, max=200,
-                       description="Denoising steps: the shipped tiny model is best at 1-4")
+    steps: IntProperty(name="Sampling Steps", default=1, min=1, max=200,
+                       description="Denoising steps: the shipped tiny model is best at 1")
     guidance: FloatProperty(name="Guidance", default=1.0, min=0.0, max=20.0,
                             description="Classifier-free guidance scale (1 = off, one model "
                             "evaluation per step)")

@@ -80,3 +80,14 @@ def test_full_demo(tmp_path):
     out = tmp_path / "demo"
     report = run_demo(out, timeout=3600)
     check_outputs(out, report, views=4, frames=8)
+
+
+def test_demo_refuses_to_clear_a_folder_it_did_not_write(tmp_path):
+    keep = tmp_path / "precious.txt"
+    keep.write_text("not a demo")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "backend.demo", "--out", str(tmp_path)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "not empty and holds no earlier demo" in result.stderr
+    assert keep.read_text() == "not a demo"

@@ -134,6 +134,9 @@ def test_grid_windows_cover_the_grid_with_view_zero_and_an_overlapping_column():
     assert covered == {(v, t) for v in range(8) for t in range(20)}
     assert all(views[0] == 0 and len(views) <= 4 and len(steps) <= 8
                for views, steps in windows)
+    # the last window is moved back to full length; more generated columns are then given
+    assert pipeline.grid_windows(2, 9, 4, 8) == [([0, 1], list(range(8))),
+                                                 ([0, 1], list(range(1, 9)))]
     with pytest.raises(pipeline.PipelineError, match="at least 2 timesteps"):
         pipeline.grid_windows(2, 5, 4, 1)
 
@@ -277,6 +280,11 @@ def test_reconstruct_job_returns_gaussians_in_world_units(client):
     (lambda a: a.update(params={"guidance": "high"}), "bad_field", "params.guidance"),
     (lambda a: a.update(params={"video_path": "/no/such/file.mp4"}), "bad_input",
      "no such file"),
+    (lambda a: a.update(video=np.zeros((2, 0, 32, 3), np.uint8)), "bad_input", "empty frames"),
+    (lambda a: a.update(c2w=np.tile(a["c2w"][:, :1], (1, 600, 1, 1)),
+                        intrinsics=np.tile(a["intrinsics"][:, :1], (1, 600, 1))),
+     "too_large", "exceeds the limits"),
+    (lambda a: a.update(params={"min_opacity": 1.0}), "bad_field", "params.min_opacity"),
 ])
 def test_generate_refuses_bad_input_with_a_clear_error(client, change, code, words):
     arrays = video_arrays(2, 2)

@@ -99,9 +99,10 @@ def rectified_flow_loss(model: nn.Module, z: Tensor, cell_mask: Tensor,
                        drop_conditioning=drop)
     config = getattr(model, "module", model).config  # DistributedDataParallel wraps it
     if config.prediction == "x0":
-        # velocity error = x0 error / s: weight by s^2 to train on the plain x0 error
+        # the model returns (x_s - x0) / max(s, X0_MIN_TIME): undo the division and compare
+        # x_s - x0 with x_s - z, which is exactly the error of the clean-frame estimate
         from backend.diffusion.model import X0_MIN_TIME
 
         weight = s.clamp(min=X0_MIN_TIME).to(prediction.dtype).reshape(B, 1, 1, 1, 1, 1)
-        return masked_cell_mse(prediction * weight, (eps - z) * weight, cell_mask)
+        return masked_cell_mse(prediction * weight, x_s - z, cell_mask)
     return masked_cell_mse(prediction, eps - z, cell_mask)

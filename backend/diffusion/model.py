@@ -184,7 +184,7 @@ class VideoDiTBlock(nn.Module):
         return x + gate[:, None] * self.mlp(modulate(self.norm(x), shift, scale))
 
 
-X0_MIN_TIME = 0.02  # x0-predicting models divide by s: keep the velocity finite near s = 0
+X0_MIN_TIME = 1e-4  # x0-predicting models divide by s: keep the velocity finite at s = 0
 
 
 def _nearest_given(given: Tensor, axis_size: int) -> tuple[Tensor, Tensor]:
