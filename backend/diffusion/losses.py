@@ -97,8 +97,8 @@ def rectified_flow_loss(model: nn.Module, z: Tensor, cell_mask: Tensor,
         drop = draw < cfg_dropout  # [B]
     prediction = model(x_s, s, z, cell_mask, rays=rays, context=context,
                        drop_conditioning=drop)
-    config = getattr(model, "module", model).config  # DistributedDataParallel wraps it
-    if config.prediction == "x0":
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps models
+    if getattr(config, "prediction", "velocity") == "x0":
         # the model returns (x_s - x0) / max(s, X0_MIN_TIME): undo the division and compare
         # x_s - x0 with x_s - z, which is exactly the error of the clean-frame estimate
         from backend.diffusion.model import X0_MIN_TIME
