@@ -215,14 +215,6 @@ def write_png_folder(folder: Path, frames: np.ndarray) -> None:
         iio.imwrite(folder / f"{i:03d}.png", frame)
 
 
-def write_video(path: Path, frames: np.ndarray, fps: float, scale: int = 1) -> None:
-    import imageio.v3 as iio
-
-    if scale > 1:
-        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-    iio.imwrite(path, frames, fps=fps, codec="libx264", macro_block_size=8)
-
-
 def hide_scene_content(hidden: bool) -> None:
     """Hide (or show) the original objects in renders, leaving cameras and Gaussians."""
     for name in ("Ball", "Box", "Ring", "Backdrop"):
@@ -387,8 +379,9 @@ def run(config: DemoConfig) -> dict:
         hide_scene_content(True)
         gaussian_render = render_camera(scene, novel, frames, out / "render")
         hide_scene_content(False)
-        write_video(out / "render.mp4", np.concatenate([truth_novel, gaussian_render], axis=2),
-                    fps=scene.render.fps)
+        pipeline.write_mp4(out / "render.mp4",
+                           np.concatenate([truth_novel, gaussian_render], axis=2),
+                           fps=scene.render.fps)
         write_render_strip(out / "docs" / "render.png", truth_novel, gaussian_render)
         bpy.ops.wm.save_as_mainfile(filepath=str(out / "scene.blend"))
         lap("export_render_save")

@@ -56,11 +56,18 @@ def frames_to_tensor(frames: np.ndarray, size: tuple[int, int]) -> Tensor:
     for start in range(0, flat.shape[0], FRAME_CHUNK):  # float copies of a few frames at a time
         x = torch.from_numpy(np.ascontiguousarray(flat[start:start + FRAME_CHUNK]))
         x = (x.float() / 255.0 if array.dtype == np.uint8 else x.float()).permute(0, 3, 1, 2)
-        if tuple(size) != (H, W):
-            x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True,
-                              align_corners=False).clamp(0.0, 1.0)
-        out[start:start + FRAME_CHUNK] = x
+        out[start:start + FRAME_CHUNK] = resize_frames(x, size)
     return out.reshape(*lead, 3, *size)
+
+
+def resize_frames(frames: Tensor, size: tuple[int, int]) -> Tensor:
+    """[..., 3, H, W] in [0, 1] -> [..., 3, h, w], antialiased bilinear (as is if equal)."""
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    out = F.interpolate(flat, size=tuple(size), mode="bilinear", antialias=True,
+                        align_corners=False).clamp(0.0, 1.0)
+    return out.reshape(*frames.shape[:-2], *size)
 
 
 def tensor_to_uint8(frames: Tensor) -> np.ndarray:  # [..., 3, h, w] in [0, 1] -> [..., h, w, 3]
@@ -271,13 +278,8 @@ def reconstruct_grid(
     """Gaussians per timestep from a full grid, refined against it when asked."""
     from backend.recon import refine
 
-    V, T = grid.shape[:2]
     h, w = recon.config.image_size
-    frames = grid
-    if tuple(grid.shape[-2:]) != (h, w):
-        frames = F.interpolate(grid.reshape(V * T, 3, *grid.shape[-2:]), size=(h, w),
-                               mode="bilinear", antialias=True, align_corners=False)
-        frames = frames.reshape(V, T, 3, h, w).clamp(0, 1)
+    frames = resize_frames(grid, (h, w))
     intr = scale_intrinsics(np.asarray(intrinsics, dtype=np.float64), w, h)
     c2w32 = torch.as_tensor(c2w, dtype=torch.float32)
     intr32 = torch.as_tensor(intr, dtype=torch.float32)
@@ -307,6 +309,14 @@ def grid_preview(grid: np.ndarray, scale: int = 4) -> np.ndarray:
     return tiles.repeat(scale, axis=1).repeat(scale, axis=2)
 
 
+def write_mp4(path: Path, frames: np.ndarray, fps: float) -> Path:
+    """uint8 frames [N, H, W, 3] as an H.264 mp4 (sizes need only be multiples of 8)."""
+    import imageio.v3 as iio
+
+    iio.imwrite(path, frames, fps=fps, codec="libx264", macro_block_size=8)
+    return path
+
+
 def write_grid(folder: Path, grid: np.ndarray, fps: float = 8.0) -> dict[str, Path]:
     """The generated grid [V, T, h, w, 3] uint8 as grid.npy, PNG frames
     (frames/v00_t000.png) and an mp4 preview; returns the paths written."""
@@ -319,7 +329,5 @@ def write_grid(folder: Path, grid: np.ndarray, fps: float = 8.0) -> dict[str, Pa
     for v in range(grid.shape[0]):
         for t in range(grid.shape[1]):
             iio.imwrite(frames_dir / f"v{v:02d}_t{t:03d}.png", grid[v, t])
-    preview = grid_preview(grid)
-    mp4 = folder / "grid.mp4"
-    iio.imwrite(mp4, preview, fps=fps, codec="libx264", macro_block_size=8)
+    mp4 = write_mp4(folder / "grid.mp4", grid_preview(grid), fps)
     return {"npy": folder / "grid.npy", "frames": frames_dir, "mp4": mp4}
