@@ -21,6 +21,7 @@ from backend.diffusion.attention import (
     view_time_block_mask,
     view_time_mask,
 )
+from backend.diffusion.merged_attention import _other_views
 
 # (B, nh, V, T, P): P below and above the 128-token flex block, not a multiple of it.
 GRIDS = [(2, 3, 2, 3, 5), (2, 3, 4, 8, 16), (2, 3, 3, 2, 130)]
@@ -227,7 +228,7 @@ def test_merged_matches_reference(grid):
 def test_merged_is_exact_with_large_scores_and_keeps_the_dtype():
     V, T = GRIDS[1][2:4]
     q, k, v = _qkv(*GRIDS[1], seed=22)
-    q = q * 12.0  # softmax nearly one-hot: the view - frame merge must not cancel badly
+    q = q * 12.0  # softmax nearly one-hot: the two streams' weights differ by exp(+-large)
     with torch.no_grad():
         out = fused_view_time_attention(q, k, v, V, T, impl="merged")
         assert (out - _reference(q, k, v, V, T)).abs().max().item() < 1e-4
@@ -236,6 +237,33 @@ def test_merged_is_exact_with_large_scores_and_keeps_the_dtype():
         rounded = _reference(*(t.float() for t in low), V, T)  # same inputs, float32
     assert out16.dtype == torch.bfloat16
     assert (out16.float() - rounded).abs().max().item() < 0.05
+
+
+def test_merged_other_views_window_is_a_strided_view_of_each_timestep_twice():
+    G, V, T, P, hd = 2, 4, 3, 2, 1
+    # label every token with its (view, timestep) so the window's frames can be read off
+    labels = torch.zeros(G, V, T, P, hd)
+    for view in range(V):
+        for step in range(T):
+            labels[:, view, step] = 10 * view + step
+    window = _other_views(labels)  # [G*T, V, (V-1)*P, hd]
+    assert window.shape == (G * T, V, (V - 1) * P, hd)
+    assert window.untyped_storage().nbytes() == 2 * labels.numel() * labels.element_size()
+    for g in range(G):
+        for step in range(T):
+            for view in range(V):
+                frames = window[g * T + step, view, ::P, 0].tolist()
+                assert frames == [10 * ((view + d) % V) + step for d in range(1, V)]
+
+
+def test_merged_without_the_flash_kernel_matches_reference():
+    V, T = GRIDS[1][2:4]
+    q, k, v = (t.half() for t in _qkv(*GRIDS[1], seed=23))  # float16: the plain-matmul path
+    with torch.no_grad():
+        out = fused_view_time_attention(q, k, v, V, T, impl="merged")
+        expected = _reference(q.float(), k.float(), v.float(), V, T)
+    assert out.dtype == torch.float16
+    assert (out.float() - expected).abs().max().item() < 5e-3
 
 
 def test_merged_with_grad_raises():

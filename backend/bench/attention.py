@@ -1,13 +1,15 @@
 """Benchmark fused view-time attention kernels against full and dense-masked attention.
 
 `python -m backend.bench attention [--json PATH] [--quick] [--device cpu|cuda] [--repeats R]
-[--threads T]`
+[--threads T] [--shape VxTxP] [--only KERNEL,...]`
 
 For each grid V x T and tokens per frame P (4 heads of 64, B=1, float32) it times, in one
 process and with repeats interleaved between implementations: flex (forward), decomposed
 (forward, and forward+backward), merged (forward), reference (dense-mask SDPA, skipped when
 its mask would exceed a memory cap) and full attention (SDPA, no mask). Times are medians
-after a warm-up call; process CPU times are reported beside the wall times.
+after a warm-up call; process CPU times are reported beside the wall times. The speedup is
+full attention's median over the fastest exact kernel's; `paired` is the median over rounds
+of each round's own ratio (steadier on a shared machine, where load comes and goes).
 
 Peak memory of one call, measured in a second pass after all timings: on CUDA,
 `torch.cuda.max_memory_allocated` above the level before the call. On the CPU (Linux with
@@ -50,6 +52,7 @@ class AttentionBenchConfig:
     batch: int = 1
     repeats: int = 3
     reference_mask_cap_bytes: int = 2 * 2**30  # bool mask + its float32 form, [N, N] each
+    kernels: tuple[str, ...] = ()  # run only these (full_fwd always runs); empty: all
 
 
 EXACT = ("flex_fwd", "decomposed_fwd", "merged_fwd", "reference_fwd")
@@ -145,6 +148,9 @@ def _make_calls(V: int, T: int, P: int, config: AttentionBenchConfig, device: to
         notes.append(f"reference skipped: dense mask {mask_bytes / 2**30:.1f} GiB exceeds the "
                      f"{config.reference_mask_cap_bytes / 2**30:.1f} GiB cap")
     calls["full_fwd"] = no_grad(full_attention)
+    if config.kernels:
+        calls = {name: call for name, call in calls.items()
+                 if name == "full_fwd" or name.removesuffix("_fwd") in config.kernels}
     return calls
 
 
@@ -176,6 +182,10 @@ def time_shape(V: int, T: int, P: int, config: AttentionBenchConfig,
     notes: list[str] = []
     calls = _make_calls(V, T, P, config, device, notes)
     outputs = {name: call() for name, call in calls.items()}  # warm-up (flex compiles here)
+    if "reference_fwd" not in outputs and "decomposed_fwd" not in outputs:
+        q, k, v, _ = _inputs(V, T, P, config, device)  # the same seeded inputs, untimed
+        with torch.no_grad():
+            outputs["decomposed_fwd"] = decomposed_view_time_attention(q, k, v, V, T)
     errors, error_baseline = _errors({n: o for n, o in outputs.items() if o is not None})
     del outputs
     wall: dict[str, list[float]] = {name: [] for name in calls}
@@ -187,9 +197,15 @@ def time_shape(V: int, T: int, P: int, config: AttentionBenchConfig,
             cpu[name].append(cpu_s)
     times = {name: statistics.median(values) for name, values in wall.items()}
     cpu_times = {name: statistics.median(values) for name, values in cpu.items()}
-    fastest = min((name for name in EXACT if name in times), key=times.__getitem__)
-    fastest_cpu = min((name for name in EXACT if name in times), key=cpu_times.__getitem__)
+    exact = [name for name in EXACT if name in times]
+    if not exact:
+        raise ValueError("no exact fused kernel was run: check --only")
+    fastest = min(exact, key=times.__getitem__)
+    fastest_cpu = min(exact, key=cpu_times.__getitem__)
     speedup = times["full_fwd"] / times[fastest]
+    # each round's full time over the same round's fastest-kernel time: a load change that
+    # lasts a round hits both, so the median of these ratios is steadier than a ratio of medians
+    paired = [f / x for f, x in zip(wall["full_fwd"], wall[fastest], strict=True)]
     ideal = V * T / (V + T - 1)
     return {
         "views": V, "steps": T, "tokens_per_frame": P, "tokens": V * T * P,
@@ -197,6 +213,8 @@ def time_shape(V: int, T: int, P: int, config: AttentionBenchConfig,
         "fastest_exact": fastest.removesuffix("_fwd"),
         "speedup_vs_full": speedup, "ideal_speedup": ideal,
         "fraction_of_ideal": speedup / ideal,
+        "paired_speedups": paired, "paired_speedup_median": statistics.median(paired),
+        "paired_fraction_of_ideal": statistics.median(paired) / ideal,
         "speedup_vs_full_cpu_time": cpu_times["full_fwd"] / cpu_times[fastest_cpu],
         "max_abs_err": errors, "error_baseline": error_baseline, "notes": notes,
     }
@@ -226,11 +244,13 @@ def _format_row(result: dict) -> str:
     return (f"{_grid_name(result):>10} {result['tokens']:>6} {' '.join(cells)} "
             f"{result['speedup_vs_full']:7.2f}x {result['ideal_speedup']:6.2f}x "
             f"{100 * result['fraction_of_ideal']:5.0f}% "
+            f"{100 * result['paired_fraction_of_ideal']:6.0f}% "
             f"{result['speedup_vs_full_cpu_time']:7.2f}x {worst:9.1e}")
 
 
 HEADER = (f"{'V x T x P':>10} {'N':>6} {'flex':>9} {'decomp':>9} {'merged':>9} {'dec f+b':>9} "
-          f"{'ref':>9} {'full':>9} {'speedup':>8} {'ideal':>7} {'frac':>6} {'cpu-spd':>8} "
+          f"{'ref':>9} {'full':>9} {'speedup':>8} {'ideal':>7} {'frac':>6} {'paired':>7} "
+          f"{'cpu-spd':>8} "
           f"{'max err':>9}")
 
 
@@ -242,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=AttentionBenchConfig.repeats)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--shape", help="one grid VxTxP only, e.g. 8x16x256")
+    parser.add_argument("--only", help="comma-separated kernels to time beside full attention "
+                        "(flex, decomposed, merged, decomposed_fwd_bwd, reference)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda given but CUDA is not available")
@@ -251,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    config = AttentionBenchConfig(repeats=args.repeats)
+    kernels = tuple(name.strip() for name in (args.only or "").split(",") if name.strip())
+    known = {name.removesuffix("_fwd") for name in EXACT} | {"decomposed_fwd_bwd"}
+    if set(kernels) - known:
+        raise ValueError(f"--only: unknown kernels {sorted(set(kernels) - known)}; "
+                         f"choose from {sorted(known)}")
+    config = AttentionBenchConfig(repeats=args.repeats, kernels=kernels)
     if args.quick:
         config.grids, config.tokens_per_frame = config.grids[:1], config.tokens_per_frame[:1]
     device = torch.device(args.device)

@@ -12,11 +12,11 @@ t == t', all in one softmax. Implementations of `fused_view_time_attention`:
   the other views, each key once; both score sets share one softmax. Queries are chunked so
   the score tensors stay within a memory budget; the backward pass recomputes the
   probabilities from the saved log-sum-exp.
-- ``merged``: exact, forward only (no gradient), no compilation: three fused SDPA calls -
-  own view over all timesteps, own timestep over all views, own frame - each returning its
-  log-sum-exp, merged as view + time - frame (the own frame's keys are in both of the first
-  two sets). Work V*T*P^2*(T+V+1) against the ideal V*T*P^2*(T+V-1), all of it in the CPU's
-  fused flash kernel.
+- ``merged`` (`merged_attention.py`): exact, forward only (no gradient), no compilation:
+  two fused SDPA calls - own view over all timesteps, and own timestep over the other views
+  (through an overlapping strided view of the keys, no copies) - each returning its
+  log-sum-exp, merged as one softmax. Work V*T*P^2*(T+V-1), exactly the mask's, all of it
+  in the CPU's fused flash kernel.
 - ``auto``: without gradients ``merged`` on the CPU and ``flex`` where FlexAttention runs
   (CUDA); with gradients ``decomposed`` (also after flex has failed to compile on that
   device type).
@@ -37,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backend.diffusion.grid_checks import grid_tokens_per_frame, needs_grad, require_positive_ints
+from backend.diffusion.merged_attention import merged_view_time_attention
+
 IMPLEMENTATIONS = ("auto", "flex", "decomposed", "merged", "reference")
 
 
@@ -56,44 +59,11 @@ class ViewTimeAttentionConfig:
 CONFIG = ViewTimeAttentionConfig()
 
 
-def _require_positive_ints(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _grid_tokens_per_frame(
-    q: Tensor,  # [B, nh, N, hd]
-    k: Tensor,  # [B, nh, N, hd]
-    v: Tensor,  # [B, nh, N, hd]
-    num_views: int,
-    num_steps: int,
-) -> int:
-    """Validate q, k, v against the grid and return P, the tokens per frame."""
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if tensor.dim() != 4:
-            raise ValueError(f"{name} must be [B, nh, N, hd], got shape {tuple(tensor.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if not (q.device == k.device == v.device) or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError("q, k, v must share one device and dtype")
-    _require_positive_ints(num_views=num_views, num_steps=num_steps)
-    n_tokens = q.shape[2]
-    frames = num_views * num_steps
-    if n_tokens == 0 or n_tokens % frames:
-        raise ValueError(f"N={n_tokens} tokens is not a positive multiple of "
-                         f"num_views*num_steps={frames}")
-    if q.shape[3] == 0:
-        raise ValueError("head dim hd must be positive")
-    return n_tokens // frames
-
-
 def view_time_mask(
     num_views: int, num_steps: int, tokens_per_frame: int, device=None,
 ) -> Tensor:  # [N, N] bool, True = may attend
     """Dense fused view-time mask: query (v, t) may attend key (v', t') iff v == v' or t == t'."""
-    _require_positive_ints(num_views=num_views, num_steps=num_steps,
+    require_positive_ints(num_views=num_views, num_steps=num_steps,
                            tokens_per_frame=tokens_per_frame)
     index = torch.arange(num_views * num_steps * tokens_per_frame, device=device)  # [N]
     view = index // (num_steps * tokens_per_frame)
@@ -118,7 +88,7 @@ def view_attention(
     num_steps: int,
 ) -> Tensor:  # [B, nh, N, hd]
     """Each token attends the tokens of its own view at all timesteps."""
-    _grid_tokens_per_frame(q, k, v, num_views, num_steps)
+    grid_tokens_per_frame(q, k, v, num_views, num_steps)
     B, nh, N, hd = q.shape
 
     def by_view(x: Tensor) -> Tensor:  # [B, nh, N, hd] -> [B*nh, V, T*P, hd]
@@ -136,7 +106,7 @@ def time_attention(
     num_steps: int,
 ) -> Tensor:  # [B, nh, N, hd]
     """Each token attends the tokens of its own timestep in all views."""
-    P = _grid_tokens_per_frame(q, k, v, num_views, num_steps)
+    P = grid_tokens_per_frame(q, k, v, num_views, num_steps)
     B, nh, N, hd = q.shape
     V, T = num_views, num_steps
 
@@ -157,7 +127,7 @@ def reference_attention(
     num_steps: int,
 ) -> Tensor:  # [B, nh, N, hd]
     """Fused view-time attention as SDPA with the dense [N, N] boolean mask."""
-    P = _grid_tokens_per_frame(q, k, v, num_views, num_steps)
+    P = grid_tokens_per_frame(q, k, v, num_views, num_steps)
     mask = view_time_mask(num_views, num_steps, P, device=q.device)  # [N, N]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -263,11 +233,11 @@ def flex_view_time_attention(
     num_steps: int,
 ) -> Tensor:  # [B, nh, N, hd]
     """Fused view-time attention with compiled FlexAttention and a block-sparse mask."""
-    P = _grid_tokens_per_frame(q, k, v, num_views, num_steps)
+    P = grid_tokens_per_frame(q, k, v, num_views, num_steps)
     if not flex_available(q.device):
         raise ValueError(f"FlexAttention is not available on device {q.device} (no CUDA or "
                          "C++ compiler, or it failed before)")
-    if q.device.type != "cuda" and _needs_grad(q, k, v):
+    if q.device.type != "cuda" and needs_grad(q, k, v):
         raise ValueError("FlexAttention has no backward on the CPU; use impl='decomposed' "
                          "(or 'auto', which picks it when gradients are needed)")
     block_mask = view_time_block_mask(num_views, num_steps, P, q.device)
@@ -277,10 +247,6 @@ def flex_view_time_attention(
     with dynamo_config.patch(**{limit_name: CONFIG.flex_max_compiled_shapes}):
         return _flex_kernel()(q, k, v, block_mask=block_mask,
                               scale=1.0 / math.sqrt(q.shape[-1]))
-
-
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # ----------------------------------------------------------------------------- decomposed
@@ -523,74 +489,11 @@ def decomposed_view_time_attention(
     (default `CONFIG.score_chunk_bytes`); the shift is the Cauchy-Schwarz bound |q|*max|k|,
     replaced by the exact row max for any chunk where the bound underflows.
     """
-    _grid_tokens_per_frame(q, k, v, num_views, num_steps)
+    grid_tokens_per_frame(q, k, v, num_views, num_steps)
     budget = CONFIG.score_chunk_bytes if score_chunk_bytes is None else score_chunk_bytes
     if budget <= 0:
         raise ValueError(f"score_chunk_bytes must be positive, got {budget}")
     return _DecomposedViewTimeAttention.apply(q, k, v, num_views, num_steps, max(1, budget // 4))
-
-
-# ------------------------------------------------------------------------------- merged
-
-
-def _attention_with_lse(
-    q: Tensor,  # [..., L, hd]
-    k: Tensor,  # [..., S, hd]
-    v: Tensor,  # [..., S, hd]
-) -> tuple[Tensor, Tensor]:  # out [..., L, hd], log-sum-exp of the scaled scores [..., L]
-    lead = q.shape[:-2]
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16):
-        def four_d(x: Tensor) -> Tensor:
-            return x.reshape(-1, 1, *x.shape[-2:])
-
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            four_d(q), four_d(k), four_d(v))
-        return out.reshape(*lead, *out.shape[-2:]), lse.reshape(*lead, lse.shape[-1])
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    lse = torch.logsumexp(scores, dim=-1)
-    out = (torch.exp(scores - lse[..., None]).to(v.dtype)) @ v
-    return out, lse
-
-
-def merged_view_time_attention(
-    q: Tensor,  # [B, nh, N, hd]
-    k: Tensor,  # [B, nh, N, hd]
-    v: Tensor,  # [B, nh, N, hd]
-    num_views: int,
-    num_steps: int,
-) -> Tensor:  # [B, nh, N, hd]
-    """Exact fused view-time attention from three fused SDPA calls (no gradient)."""
-    P = _grid_tokens_per_frame(q, k, v, num_views, num_steps)
-    if _needs_grad(q, k, v):
-        raise ValueError("the merged kernel has no backward pass: use impl='decomposed' (or "
-                         "'flex' on CUDA) when gradients are needed")
-    B, nh, N, hd = q.shape
-    V, T, G = num_views, num_steps, B * nh
-
-    def by_view(x: Tensor) -> Tensor:  # -> [G, V, T*P, hd]
-        return x.reshape(G, V, T * P, hd)
-
-    def by_step(x: Tensor) -> Tensor:  # -> [G, T, V*P, hd]
-        return x.reshape(G, V, T, P, hd).transpose(1, 2).reshape(G, T, V * P, hd)
-
-    def by_frame(x: Tensor) -> Tensor:  # -> [G, V*T, P, hd]
-        return x.reshape(G, V * T, P, hd)
-
-    with torch.no_grad():
-        out_v, lse_v = _attention_with_lse(by_view(q), by_view(k), by_view(v))
-        out_t, lse_t = _attention_with_lse(by_step(q), by_step(k), by_step(v))
-        out_f, lse_f = _attention_with_lse(by_frame(q), by_frame(k), by_frame(v))
-        # back to [G, V, T, P, (hd)] grids
-        out_v, lse_v = out_v.reshape(G, V, T, P, hd), lse_v.reshape(G, V, T, P)
-        out_t = out_t.reshape(G, T, V, P, hd).transpose(1, 2)
-        lse_t = lse_t.reshape(G, T, V, P).transpose(1, 2)
-        out_f, lse_f = out_f.reshape(G, V, T, P, hd), lse_f.reshape(G, V, T, P)
-        shift = torch.maximum(lse_v, lse_t).float()
-        w_v, w_t, w_f = (torch.exp(x.float() - shift) for x in (lse_v, lse_t, lse_f))
-        total = (w_v + w_t - w_f)[..., None]  # >= w_v: the frame's keys are among the time keys
-        out = (w_v[..., None] * out_v.float() + w_t[..., None] * out_t.float()
-               - w_f[..., None] * out_f.float()) / total
-    return out.to(q.dtype).reshape(B, nh, N, hd)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -605,7 +508,7 @@ def select_implementation(q: Tensor, k: Tensor, v: Tensor, impl: str = "auto") -
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if not _needs_grad(q, k, v):
+    if not needs_grad(q, k, v):
         if q.device.type == "cpu" and CONFIG.cpu_inference == "merged":
             return "merged"
         if flex_available(q.device):
@@ -623,7 +526,7 @@ def fused_view_time_attention(
 ) -> Tensor:  # [B, nh, N, hd]
     """One softmax over the keys of the same view or the same timestep (see module docstring
     for the implementations and what 'auto' picks)."""
-    _grid_tokens_per_frame(q, k, v, num_views, num_steps)
+    grid_tokens_per_frame(q, k, v, num_views, num_steps)
     chosen = select_implementation(q, k, v, impl)
     if chosen == "flex" and impl == "auto":
         try:
