@@ -21,8 +21,9 @@ from backend.diffusion.model import VideoDiT
 from backend.diffusion.sampler import EulerSampler
 
 
-def time_call(fn, repeats: int) -> float:
-    fn()  # warm-up (and any compilation)
+def time_call(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):  # allocations (and any compilation) before timing
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -44,14 +45,14 @@ def grid_inputs(config: DiffusionConfig, views: int, steps: int, seed: int = 0):
 
 
 def model_forward_seconds(preset: str, attention: str, impl: str, views: int, steps: int,
-                          repeats: int) -> float:
+                          repeats: int, warmup: int = 1) -> float:
     torch.manual_seed(0)
     config = DiffusionConfig.preset(preset, attention=attention, attention_impl=impl)
     model = VideoDiT(config).eval()
     x, mask, rays = grid_inputs(config, views, steps)
     s = torch.full((1,), 0.5)
     with torch.no_grad():
-        return time_call(lambda: model(x, s, x, mask, rays=rays), repeats)
+        return time_call(lambda: model(x, s, x, mask, rays=rays), repeats, warmup)
 
 
 def denoising_step_seconds(views: int, steps: int, impl: str, repeats: int) -> float:
@@ -66,18 +67,27 @@ def denoising_step_seconds(views: int, steps: int, impl: str, repeats: int) -> f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="build.py bench diffusion")
     parser.add_argument("--grid", default="4x8", help="views x timesteps for the small model")
-    parser.add_argument("--impl", default="decomposed",
-                        help="fused attention implementation (decomposed needs no compile)")
+    parser.add_argument("--impl", default="auto",
+                        help="fused attention implementation (auto: merged on the CPU, flex on "
+                             "CUDA)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed calls of the small model first (0 for long forwards of "
+                             "a kernel that needs no compilation)")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
     views, steps = (int(v) for v in args.grid.split("x"))
-    fused = model_forward_seconds("small", "fused", args.impl, views, steps, args.repeats)
-    full = model_forward_seconds("small", "full", args.impl, views, steps, args.repeats)
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--repeats must be at least 1 and --warmup at least 0")
+    fused = model_forward_seconds("small", "fused", args.impl, views, steps, args.repeats,
+                                  args.warmup)
+    full = model_forward_seconds("small", "full", args.impl, views, steps, args.repeats,
+                                 args.warmup)
     step = denoising_step_seconds(4, 8, args.impl, args.repeats)
     ideal = views * steps / (views + steps - 1)
     report = {"device": "cpu", "threads": torch.get_num_threads(), "grid": [views, steps],
-              "impl": args.impl, "small_forward_fused_s": fused, "small_forward_full_s": full,
+              "impl": args.impl, "repeats": args.repeats, "warmup": args.warmup,
+              "small_forward_fused_s": fused, "small_forward_full_s": full,
               "small_model_speedup": full / fused, "attention_ideal_speedup": ideal,
               "tiny_denoising_step_4x8_s": step}
     print(f"small preset, {views}x{steps} grid: fused {fused:.2f} s, full {full:.2f} s, "
