@@ -37,7 +37,7 @@ from backend.train import (
     train_recon,
 )
 from backend.train.__main__ import build_config, main
-from backend.train.common import find_resume_checkpoint, make_optimizer
+from backend.train.common import _resume, find_resume_checkpoint, make_optimizer
 from backend.train.diffusion import build_diffusion_job, diffusion_loss
 from backend.train.evaluate import frame_psnr, scored_cells, setting_mask
 from backend.train.recon import GeometryValidSamples, choose_view_split
@@ -138,6 +138,39 @@ def test_resume_with_another_model_config_is_refused(tmp_path):
     changed.model_overrides["mlp_ratio"] = 2.0
     with pytest.raises(ValueError, match="another model config"):
         train_diffusion(changed)
+
+
+def test_init_weights_start_a_fresh_run_from_exported_weights(tmp_path):
+    first = train_diffusion(tiny_diffusion_config(tmp_path / "first", steps=2))
+    exported = load_file(str(first / "model.safetensors"))
+    config = tiny_diffusion_config(tmp_path / "second", steps=2)
+    config.init_weights = str(first)
+    job = build_diffusion_job(config, _single_process())
+    optimizer = make_optimizer(job.model, config)
+    ema = ExponentialMovingAverage(job.model, config.ema_decay)
+    state = _resume(job, job.model, ema, optimizer)
+    assert state["step"] == 0 and state["initialised_from"] == str(first)
+    assert_same_tensors(job.model.state_dict(), exported)
+    assert_same_tensors(ema.model.state_dict(), exported)
+    assert not optimizer.state_dict()["state"]  # a fresh optimizer
+    train_diffusion(config)
+    start = json.loads((tmp_path / "second" / "log.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["initialised_from"] == str(first)
+    # a checkpoint of the run itself wins over init_weights when the run goes on
+    config.steps = 3
+    assert find_resume_checkpoint(config) == tmp_path / "second" / "checkpoints" / "step_000002"
+
+
+def test_init_weights_of_another_model_config_name_the_fields(tmp_path):
+    first = train_diffusion(tiny_diffusion_config(tmp_path / "first", steps=2))
+    config = tiny_diffusion_config(tmp_path / "second", steps=2)
+    config.model_overrides["mlp_ratio"] = 2.0
+    config.init_weights = str(first)
+    with pytest.raises(ValueError, match=r"another model config \(fields mlp_ratio differ\)"):
+        train_diffusion(config)
+    config.init_weights = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="not a save_pretrained folder"):
+        train_diffusion(config)
 
 
 def test_time_budget_ends_the_sitting_with_a_checkpoint(tmp_path):

@@ -47,7 +47,10 @@ class TrainLoopConfig:
     `batch_size` is per process. `use_pool` None renders a `SamplePool` once on the CPU
     and streams fresh samples on CUDA. `resume` is "auto" (latest checkpoint in
     `output_dir`), "none", or a checkpoint folder. `max_minutes` ends a sitting early with a
-    checkpoint; the next run resumes from it.
+    checkpoint; the next run resumes from it. `init_weights` (a `save_pretrained` folder of
+    the same model config, such as a shipped checkpoint) starts a run that has no checkpoint
+    to resume from those weights, with a fresh optimizer and schedule: fine-tuning, or
+    training on in a new sitting when only the exported weights were kept.
     """
 
     batch_size: int = 8
@@ -70,6 +73,7 @@ class TrainLoopConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_minutes: float | None = None
     resume: str = "auto"
+    init_weights: str | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -245,11 +249,17 @@ def save_checkpoint(folder: Path, model: nn.Module, model_config: Any,
     return folder
 
 
-def _load_weights(module: nn.Module, folder: Path, model_config: Any) -> None:
-    header = json.loads((folder / "config.json").read_text())
+def _load_weights(module: nn.Module, folder: Path, model_config: Any,
+                  hint: str = "use a new output_dir or resume='none'") -> None:
+    try:
+        header = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{folder}: unreadable config.json ({error})") from error
     if header.get("config") != config_to_dict(model_config):
-        raise ValueError(f"{folder}: checkpoint was trained with another model config; "
-                         f"use a new output_dir or resume='none'")
+        expected, found = config_to_dict(model_config), header.get("config") or {}
+        differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+        raise ValueError(f"{folder}: weights were trained with another model config "
+                         f"(fields {', '.join(differ)} differ); {hint}")
     try:
         state = load_file(str(folder / "model.safetensors"))
         module.load_state_dict(state, strict=True)
@@ -449,6 +459,16 @@ def _resume(job: TrainingJob, model: nn.Module, ema: ExponentialMovingAverage | 
     if folder is not None:
         state = load_checkpoint(folder, model, job.model_config, ema, optimizer)
         state["resumed_from"] = str(folder)
+    elif job.config.init_weights:
+        init = Path(job.config.init_weights)
+        if not (init / "config.json").is_file():
+            raise ValueError(f"init_weights: {init} is not a save_pretrained folder "
+                             f"(no config.json)")
+        _load_weights(unwrap(model), init, job.model_config,
+                      hint="set model_overrides (and the data's frame size) to match them")
+        if ema is not None:
+            ema.model.load_state_dict(unwrap(model).state_dict())
+        state["initialised_from"] = str(init)
     return state
 
 
@@ -494,7 +514,9 @@ def run_training(job: TrainingJob, context: DistributedContext) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / TRAIN_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     append_json_line(log, {"event": "start", "model": job.name, "step": state["step"],
-                           "resumed_from": state["resumed_from"], "device": str(context.device),
+                           "resumed_from": state["resumed_from"],
+                           "initialised_from": state.get("initialised_from"),
+                           "device": str(context.device),
                            "world_size": context.world_size,
                            "parameters": sum(p.numel() for p in model.parameters())})
     step = state["step"]
