@@ -214,6 +214,25 @@ def test_auto_falls_back_when_flex_fails(monkeypatch):
         fused_view_time_attention(q, k, v, V, T, impl="flex")
 
 
+@pytest.mark.skipif(not flex_available("cpu"), reason="no C++ compiler for compiled flex")
+def test_auto_keeps_flex_after_running_out_of_memory(monkeypatch):
+    def exhausted_kernel():
+        def fail(*args, **kwargs):
+            raise torch.OutOfMemoryError("out of memory")
+        return fail
+
+    monkeypatch.setattr(attention, "_flex_kernel", exhausted_kernel)
+    monkeypatch.setattr(attention, "_flex_failed_device_types", set())
+    monkeypatch.setattr(attention, "CONFIG", attention.ViewTimeAttentionConfig(
+        cpu_inference="flex"))
+    V, T = GRIDS[0][2:4]
+    q, k, v = _qkv(*GRIDS[0], seed=14)
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
+        fused_view_time_attention(q, k, v, V, T)
+    with torch.no_grad():
+        assert select_implementation(q, k, v, "auto") == "flex"
+
+
 @pytest.mark.parametrize("grid", GRIDS + EDGE_GRIDS)
 def test_merged_matches_reference(grid):
     V, T = grid[2:4]

@@ -531,6 +531,8 @@ def fused_view_time_attention(
     if chosen == "flex" and impl == "auto":
         try:
             return flex_view_time_attention(q, k, v, num_views, num_steps)
+        except torch.OutOfMemoryError:
+            raise  # not a compilation failure: flex stays on, and decomposed would need more
         except Exception as error:  # compilation failures surface as many exception types
             _flex_failed_device_types.add(q.device.type)
             warnings.warn(f"FlexAttention failed on {q.device.type} ({error!r}); using the "
