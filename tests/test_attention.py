@@ -214,21 +214,26 @@ def test_auto_falls_back_when_flex_fails(monkeypatch):
         fused_view_time_attention(q, k, v, V, T, impl="flex")
 
 
-@pytest.mark.skipif(not flex_available("cpu"), reason="no C++ compiler for compiled flex")
-def test_auto_keeps_flex_after_running_out_of_memory(monkeypatch):
+@pytest.mark.parametrize("exhausted", [
+    torch.OutOfMemoryError("CUDA out of memory"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: not enough memory"),
+])
+def test_auto_keeps_flex_after_running_out_of_memory(monkeypatch, exhausted):
     def exhausted_kernel():
         def fail(*args, **kwargs):
-            raise torch.OutOfMemoryError("out of memory")
+            raise exhausted
         return fail
 
     monkeypatch.setattr(attention, "_flex_kernel", exhausted_kernel)
     monkeypatch.setattr(attention, "_flex_failed_device_types", set())
+    monkeypatch.setattr(attention, "flex_available", lambda device: True)
     monkeypatch.setattr(attention, "CONFIG", attention.ViewTimeAttentionConfig(
         cpu_inference="flex"))
     V, T = GRIDS[0][2:4]
     q, k, v = _qkv(*GRIDS[0], seed=14)
-    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
+    with torch.no_grad(), pytest.raises(type(exhausted), match="memory"):
         fused_view_time_attention(q, k, v, V, T)
+    assert attention._flex_failed_device_types == set()
     with torch.no_grad():
         assert select_implementation(q, k, v, "auto") == "flex"
 
@@ -275,14 +280,43 @@ def test_merged_other_views_window_is_a_strided_view_of_each_timestep_twice():
                 assert frames == [10 * ((view + d) % V) + step for d in range(1, V)]
 
 
-def test_merged_without_the_flash_kernel_matches_reference():
-    V, T = GRIDS[1][2:4]
-    q, k, v = (t.half() for t in _qkv(*GRIDS[1], seed=23))  # float16: the plain-matmul path
+def test_merged_with_packed_qkv_one_token_frames_and_float64():
+    B, nh, V, T, P = 2, 3, 3, 4, 1
+    generator = torch.Generator().manual_seed(24)
+    # q, k, v as a model makes them: non-contiguous slices of one packed projection
+    packed = torch.randn(B, V * T * P, 3, nh, HEAD_DIM, generator=generator)
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, nh, N, hd], strided
+    assert not q.is_contiguous()
     with torch.no_grad():
         out = fused_view_time_attention(q, k, v, V, T, impl="merged")
-        expected = _reference(q.float(), k.float(), v.float(), V, T)
-    assert out.dtype == torch.float16
-    assert (out.float() - expected).abs().max().item() < 5e-3
+        expected = _reference(*(t.double() for t in (q, k, v)), V, T)
+        assert (out.double() - expected).abs().max().item() < 2e-6
+        out64 = fused_view_time_attention(*(t.double() for t in (q, k, v)), V, T,
+                                          impl="merged")
+    assert out64.dtype == torch.float64
+    assert (out64 - expected).abs().max().item() < 1e-12  # merged in float64, not float32
+
+
+@pytest.mark.parametrize("path", ["cpu flash kernel", "plain matmuls"])
+def test_merged_in_half_precision_stays_finite_and_close(path, monkeypatch):
+    from backend.diffusion import merged_attention
+
+    if path == "plain matmuls":  # the path that serves devices without the CPU kernel
+        monkeypatch.setattr(merged_attention, "_CPU_FLASH_DTYPES", ())
+    V, T = GRIDS[1][2:4]
+    q, k, v = _qkv(*GRIDS[1], seed=23)
+    q, k, v = q * 3.0, k * 3.0, v.half()  # random scores whose softmax is float16-rounded
+    with torch.no_grad():
+        out = fused_view_time_attention(q.half(), k.half(), v, V, T, impl="merged")
+        expected = _reference(q.half().double(), k.half().double(), v.double(), V, T)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all()
+        assert (out.double() - expected).abs().max().item() < 5e-3
+        # every raw score 70 * 70 * 16 = 78400, past float16's largest value (65504)
+        big = torch.full_like(v, 70.0)
+        out = fused_view_time_attention(big, big, v, V, T, impl="merged")
+        expected = _reference(big.double(), big.double(), v.double(), V, T)  # key means
+    assert torch.isfinite(out).all()
+    assert (out.double() - expected).abs().max().item() < 2e-3
 
 
 def test_merged_with_grad_raises():
@@ -358,3 +392,30 @@ def test_mismatched_shapes_raise():
     q = torch.zeros(1, 1, 12, 8)
     with pytest.raises(ValueError, match="shapes differ"):
         fused_view_time_attention(q, q, torch.zeros(1, 1, 12, 4), 2, 3, impl="decomposed")
+
+
+def test_attention_bench_times_the_chosen_kernels_and_pairs_the_rounds():
+    from backend.bench.attention import AttentionBenchConfig, time_shape
+
+    config = AttentionBenchConfig(num_heads=2, head_dim=8, repeats=3, kernels=("merged",))
+    result = time_shape(2, 3, 4, config, torch.device("cpu"))
+    assert set(result["times_s"]) == {"merged_fwd", "full_fwd"}
+    assert result["fastest_exact"] == "merged" and result["error_baseline"] == "decomposed"
+    assert result["max_abs_err"]["merged"] < 1e-5
+    assert len(result["paired_speedups"]) == 3
+    assert result["paired_speedup_median"] == sorted(result["paired_speedups"])[1]
+    assert result["ideal_speedup"] == pytest.approx(6 / 4)
+    # a shape where no exact kernel could run still reports, without a speedup
+    config = AttentionBenchConfig(num_heads=2, head_dim=8, repeats=1, kernels=("reference",),
+                                  reference_mask_cap_bytes=0)
+    result = time_shape(2, 3, 4, config, torch.device("cpu"))
+    assert result["speedup_vs_full"] is None and "reference skipped" in result["notes"][0]
+
+
+def test_attention_bench_refuses_a_kernel_list_without_an_exact_forward():
+    from backend.bench.attention import main
+
+    with pytest.raises(ValueError, match="at least one exact forward kernel"):
+        main(["--quick", "--only", "decomposed_fwd_bwd"])
+    with pytest.raises(ValueError, match="unknown kernels"):
+        main(["--quick", "--only", "merged,warp"])

@@ -145,31 +145,47 @@ def test_init_weights_start_a_fresh_run_from_exported_weights(tmp_path):
     exported = load_file(str(first / "model.safetensors"))
     config = tiny_diffusion_config(tmp_path / "second", steps=2)
     config.init_weights = str(first)
+    config.model_overrides["cfg_dropout"] = 0.3  # not in the weights: allowed, and logged
     job = build_diffusion_job(config, _single_process())
+    fresh = {k: v.clone() for k, v in job.model.state_dict().items()}
     optimizer = make_optimizer(job.model, config)
     ema = ExponentialMovingAverage(job.model, config.ema_decay)
     state = _resume(job, job.model, ema, optimizer)
     assert state["step"] == 0 and state["initialised_from"] == str(first)
+    assert state["init_config_differences"] == ["cfg_dropout"]
+    assert any(not torch.equal(fresh[k], exported[k]) for k in exported)
     assert_same_tensors(job.model.state_dict(), exported)
     assert_same_tensors(ema.model.state_dict(), exported)
-    assert not optimizer.state_dict()["state"]  # a fresh optimizer
     train_diffusion(config)
     start = json.loads((tmp_path / "second" / "log.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["initialised_from"] == str(first)
-    # a checkpoint of the run itself wins over init_weights when the run goes on
+    # once the run has its own checkpoint, going on resumes that and ignores init_weights
     config.steps = 3
-    assert find_resume_checkpoint(config) == tmp_path / "second" / "checkpoints" / "step_000002"
+    job = build_diffusion_job(config, _single_process())
+    optimizer = make_optimizer(job.model, config)
+    state = _resume(job, job.model, ExponentialMovingAverage(job.model, 0.9), optimizer)
+    checkpoint = tmp_path / "second" / "checkpoints" / "step_000002"
+    assert state["step"] == 2 and state["resumed_from"] == str(checkpoint)
+    assert "initialised_from" not in state and "resumed" in state["init_weights_ignored"]
+    assert_same_tensors(job.model.state_dict(),
+                        load_file(str(checkpoint / "model" / "model.safetensors")))
 
 
-def test_init_weights_of_another_model_config_name_the_fields(tmp_path):
+def test_init_weights_of_another_shape_or_a_missing_folder_are_refused(tmp_path):
     first = train_diffusion(tiny_diffusion_config(tmp_path / "first", steps=2))
     config = tiny_diffusion_config(tmp_path / "second", steps=2)
     config.model_overrides["mlp_ratio"] = 2.0
     config.init_weights = str(first)
-    with pytest.raises(ValueError, match=r"another model config \(fields mlp_ratio differ\)"):
+    with pytest.raises(ValueError, match=r"(?s)cannot load the weights .*size mismatch.*"
+                                         r"configs differ in mlp_ratio"):
         train_diffusion(config)
     config.init_weights = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="not a save_pretrained folder"):
+        train_diffusion(config)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"config": [1, 2]}')
+    config.init_weights = str(tmp_path / "broken")
+    with pytest.raises(ValueError, match="cannot load the weights"):
         train_diffusion(config)
 
 

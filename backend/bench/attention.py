@@ -134,9 +134,10 @@ def _make_calls(V: int, T: int, P: int, config: AttentionBenchConfig, device: to
         decomposed_view_time_attention(*leaves, V, T).backward(grad_out)
 
     calls = {}
+    wanted = set(config.kernels)
     if flex_available(device):
         calls["flex_fwd"] = no_grad(lambda *a: flex_view_time_attention(*a, V, T))
-    else:
+    elif not wanted or "flex" in wanted:
         notes.append(f"flex skipped: FlexAttention not available on {device}")
     calls["decomposed_fwd"] = no_grad(lambda *a: decomposed_view_time_attention(*a, V, T))
     calls["merged_fwd"] = no_grad(lambda *a: merged_view_time_attention(*a, V, T))
@@ -144,6 +145,8 @@ def _make_calls(V: int, T: int, P: int, config: AttentionBenchConfig, device: to
     mask_bytes = 5 * N * N
     if mask_bytes <= config.reference_mask_cap_bytes:
         calls["reference_fwd"] = no_grad(lambda *a: reference_attention(*a, V, T))
+    elif wanted and "reference" not in wanted:
+        pass
     else:
         notes.append(f"reference skipped: dense mask {mask_bytes / 2**30:.1f} GiB exceeds the "
                      f"{config.reference_mask_cap_bytes / 2**30:.1f} GiB cap")
@@ -182,7 +185,8 @@ def time_shape(V: int, T: int, P: int, config: AttentionBenchConfig,
     notes: list[str] = []
     calls = _make_calls(V, T, P, config, device, notes)
     outputs = {name: call() for name, call in calls.items()}  # warm-up (flex compiles here)
-    if "reference_fwd" not in outputs and "decomposed_fwd" not in outputs:
+    exact = [name for name in EXACT if name in calls]
+    if exact and "reference_fwd" not in outputs and "decomposed_fwd" not in outputs:
         q, k, v, _ = _inputs(V, T, P, config, device)  # the same seeded inputs, untimed
         with torch.no_grad():
             outputs["decomposed_fwd"] = decomposed_view_time_attention(q, k, v, V, T)
@@ -197,26 +201,28 @@ def time_shape(V: int, T: int, P: int, config: AttentionBenchConfig,
             cpu[name].append(cpu_s)
     times = {name: statistics.median(values) for name, values in wall.items()}
     cpu_times = {name: statistics.median(values) for name, values in cpu.items()}
-    exact = [name for name in EXACT if name in times]
+    shape = {"views": V, "steps": T, "tokens_per_frame": P, "tokens": V * T * P,
+             "times_s": times, "cpu_times_s": cpu_times, "ideal_speedup": V * T / (V + T - 1),
+             "max_abs_err": errors, "error_baseline": error_baseline, "notes": notes}
     if not exact:
-        raise ValueError("no exact fused kernel was run: check --only")
+        notes.append("no exact fused kernel ran at this shape (see the notes above): no speedup")
+        return {**shape, "fastest_exact": None, "speedup_vs_full": None,
+                "fraction_of_ideal": None, "paired_speedups": [],
+                "paired_speedup_median": None, "paired_fraction_of_ideal": None,
+                "speedup_vs_full_cpu_time": None}
     fastest = min(exact, key=times.__getitem__)
     fastest_cpu = min(exact, key=cpu_times.__getitem__)
     speedup = times["full_fwd"] / times[fastest]
     # each round's full time over the same round's fastest-kernel time: a load change that
     # lasts a round hits both, so the median of these ratios is steadier than a ratio of medians
     paired = [f / x for f, x in zip(wall["full_fwd"], wall[fastest], strict=True)]
-    ideal = V * T / (V + T - 1)
+    ideal = shape["ideal_speedup"]
     return {
-        "views": V, "steps": T, "tokens_per_frame": P, "tokens": V * T * P,
-        "times_s": times, "cpu_times_s": cpu_times,
-        "fastest_exact": fastest.removesuffix("_fwd"),
-        "speedup_vs_full": speedup, "ideal_speedup": ideal,
-        "fraction_of_ideal": speedup / ideal,
+        **shape, "fastest_exact": fastest.removesuffix("_fwd"),
+        "speedup_vs_full": speedup, "fraction_of_ideal": speedup / ideal,
         "paired_speedups": paired, "paired_speedup_median": statistics.median(paired),
         "paired_fraction_of_ideal": statistics.median(paired) / ideal,
         "speedup_vs_full_cpu_time": cpu_times["full_fwd"] / cpu_times[fastest_cpu],
-        "max_abs_err": errors, "error_baseline": error_baseline, "notes": notes,
     }
 
 
@@ -241,11 +247,15 @@ def _format_row(result: dict) -> str:
                           "reference_fwd", "full_fwd")]
     errors = result["max_abs_err"]
     worst = max(errors.values()) if errors else float("nan")
-    return (f"{_grid_name(result):>10} {result['tokens']:>6} {' '.join(cells)} "
-            f"{result['speedup_vs_full']:7.2f}x {result['ideal_speedup']:6.2f}x "
-            f"{100 * result['fraction_of_ideal']:5.0f}% "
-            f"{100 * result['paired_fraction_of_ideal']:6.0f}% "
-            f"{result['speedup_vs_full_cpu_time']:7.2f}x {worst:9.1e}")
+    if result["speedup_vs_full"] is None:
+        figures = f"{'-':>8} {result['ideal_speedup']:6.2f}x {'-':>6} {'-':>7} {'-':>8}"
+    else:
+        figures = (f"{result['speedup_vs_full']:7.2f}x {result['ideal_speedup']:6.2f}x "
+                   f"{100 * result['fraction_of_ideal']:5.0f}% "
+                   f"{100 * result['paired_fraction_of_ideal']:6.0f}% "
+                   f"{result['speedup_vs_full_cpu_time']:7.2f}x")
+    return (f"{_grid_name(result):>10} {result['tokens']:>6} {' '.join(cells)} {figures} "
+            f"{worst:9.1e}")
 
 
 HEADER = (f"{'V x T x P':>10} {'N':>6} {'flex':>9} {'decomp':>9} {'merged':>9} {'dec f+b':>9} "
@@ -278,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     if set(kernels) - known:
         raise ValueError(f"--only: unknown kernels {sorted(set(kernels) - known)}; "
                          f"choose from {sorted(known)}")
+    if kernels and not set(kernels) & {name.removesuffix("_fwd") for name in EXACT}:
+        raise ValueError("--only: name at least one exact forward kernel to compare with full "
+                         "attention (flex, decomposed, merged or reference)")
     config = AttentionBenchConfig(repeats=args.repeats, kernels=kernels)
     if args.quick:
         config.grids, config.tokens_per_frame = config.grids[:1], config.tokens_per_frame[:1]

@@ -14,7 +14,7 @@ t == t', all in one softmax. Implementations of `fused_view_time_attention`:
   probabilities from the saved log-sum-exp.
 - ``merged`` (`merged_attention.py`): exact, forward only (no gradient), no compilation:
   two fused SDPA calls - own view over all timesteps, and own timestep over the other views
-  (through an overlapping strided view of the keys, no copies) - each returning its
+  (an overlapping strided window into one doubled copy of the keys) - each returning its
   log-sum-exp, merged as one softmax. Work V*T*P^2*(T+V-1), exactly the mask's, all of it
   in the CPU's fused flash kernel.
 - ``auto``: without gradients ``merged`` on the CPU and ``flex`` where FlexAttention runs
@@ -499,6 +499,15 @@ def decomposed_view_time_attention(
 # ----------------------------------------------------------------------------- dispatch
 
 
+def _is_out_of_memory(error: Exception) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError saying so."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text
+                                                or "not enough memory" in text)
+
+
 def select_implementation(q: Tensor, k: Tensor, v: Tensor, impl: str = "auto") -> str:
     """Resolve `impl`: when no gradient is needed (grad mode off or no input requires grad)
     'auto' is 'merged' on the CPU and 'flex' where FlexAttention runs; otherwise
@@ -531,9 +540,9 @@ def fused_view_time_attention(
     if chosen == "flex" and impl == "auto":
         try:
             return flex_view_time_attention(q, k, v, num_views, num_steps)
-        except torch.OutOfMemoryError:
-            raise  # not a compilation failure: flex stays on, and decomposed would need more
         except Exception as error:  # compilation failures surface as many exception types
+            if _is_out_of_memory(error):
+                raise  # not a compilation failure: flex stays on (decomposed would need more)
             _flex_failed_device_types.add(q.device.type)
             warnings.warn(f"FlexAttention failed on {q.device.type} ({error!r}); using the "
                           "decomposed kernel there from now on", RuntimeWarning, stacklevel=2)

@@ -9,8 +9,8 @@ softmax weights from the two log-sum-exps - the same result as one softmax over 
 - the others stream: per timestep and view, the P queries of frame (v, t) against the
   (V-1)*P keys of the other views at t. The keys of a timestep are laid out twice in a row
   (views 0..V-1, 0..V-1), so the keys of "the views after v, cyclically" are the window
-  starting at view v+1: one strided, overlapping view of that buffer serves every v, and
-  no per-view copy of the keys is made.
+  starting at view v+1: one strided, overlapping view of that buffer serves every v, so
+  the keys and values are copied once (doubled), not once per view.
 
 The work is V*T*P^2*(T+V-1) scores: exactly the mask's, all of it in the fused kernel.
 """
@@ -22,27 +22,33 @@ from torch import Tensor
 
 from backend.diffusion.grid_checks import grid_tokens_per_frame, needs_grad
 
+_CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
 
 def attention_with_lse(
     q: Tensor,  # [..., L, hd]
     k: Tensor,  # [..., S, hd] (any strides with a contiguous last dim)
     v: Tensor,  # [..., S, hd]
 ) -> tuple[Tensor, Tensor]:  # out [..., L, hd], log-sum-exp of the scaled scores [..., L]
-    """Softmax attention with scale 1/sqrt(hd) that also returns each row's log-sum-exp."""
+    """Softmax attention with scale 1/sqrt(hd) that also returns each row's log-sum-exp.
+
+    On the CPU the fused flash kernel (which reads strided keys in place); elsewhere plain
+    matmuls in at least float32, cast back to the inputs' dtype at the end."""
     lead = q.shape[:-2]
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16):
-        def four_d(x: Tensor) -> Tensor:  # [..., L, hd] -> [b, 1 or heads, L, hd], no copy
-            if x.dim() == 4:
-                return x
-            return x.reshape(-1, 1, *x.shape[-2:])
+    if q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES:
+        def four_d(x: Tensor) -> Tensor:  # [..., L, hd] -> [b, 1 or heads, L, hd]
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            return x if x.dim() == 4 else x.reshape(-1, 1, *x.shape[-2:])
 
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             four_d(q), four_d(k), four_d(v))
         return out.reshape(*lead, *out.shape[-2:]), lse.reshape(*lead, lse.shape[-1])
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    work = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(work) * q.shape[-1] ** -0.5) @ k.to(work).transpose(-1, -2)
     lse = torch.logsumexp(scores, dim=-1)
-    out = (torch.exp(scores - lse[..., None]).to(v.dtype)) @ v
-    return out, lse
+    out = torch.exp(scores - lse[..., None]) @ v.to(work)
+    return out.to(q.dtype), lse
 
 
 def _other_views(
@@ -81,12 +87,12 @@ def merged_view_time_attention(
         out_o, lse_o = attention_with_lse(q_steps, _other_views(grid[1]), _other_views(grid[2]))
         del q_steps
         out_v, lse_v = attention_with_lse(*(x.reshape(G, V, T * P, hd) for x in (q, k, v)))
-        # both streams as [G, V, T, P, (hd)] grids; the output is built in out_v's buffer
-        out = out_v.reshape(G, V, T, P, hd)
-        if out.dtype != torch.float32:
-            out = out.float()
-        lse_v = lse_v.reshape(G, V, T, P).float()
-        lse_o = lse_o.reshape(G, T, V, P).transpose(1, 2).float()
+        # both streams as [G, V, T, P, (hd)] grids, merged in at least float32 (in out_v's
+        # buffer when that is already the merge dtype)
+        work = torch.promote_types(q.dtype, torch.float32)
+        out = out_v.reshape(G, V, T, P, hd).to(work)
+        lse_v = lse_v.reshape(G, V, T, P).to(work)
+        lse_o = lse_o.reshape(G, T, V, P).transpose(1, 2).to(work)
         shift = torch.maximum(lse_v, lse_o)
         w_v, w_o = (lse_v - shift).exp_(), (lse_o - shift).exp_()
         inverse_total = (w_v + w_o).reciprocal_()  # >= 1/2: one weight is exp(0)

@@ -249,22 +249,36 @@ def save_checkpoint(folder: Path, model: nn.Module, model_config: Any,
     return folder
 
 
-def _load_weights(module: nn.Module, folder: Path, model_config: Any,
-                  hint: str = "use a new output_dir or resume='none'") -> None:
+def _config_differences(folder: Path, model_config: Any) -> list[str]:
+    """Fields of `model_config` that differ from the config saved in `folder`."""
     try:
         header = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{folder}: unreadable config.json ({error})") from error
-    if header.get("config") != config_to_dict(model_config):
-        expected, found = config_to_dict(model_config), header.get("config") or {}
-        differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
-        raise ValueError(f"{folder}: weights were trained with another model config "
-                         f"(fields {', '.join(differ)} differ); {hint}")
+    expected = config_to_dict(model_config)
+    found = header.get("config") if isinstance(header, dict) else None
+    found = found if isinstance(found, dict) else {}
+    return sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+
+
+def _load_weights(module: nn.Module, folder: Path, model_config: Any,
+                  same_config: bool = True) -> list[str]:
+    """Load `folder`'s weights into `module`; returns the model config fields that differ.
+
+    With `same_config` (resuming) any difference is refused; without it (initialising a
+    new run) the weights need only match by name and shape."""
+    differ = _config_differences(folder, model_config)
+    if differ and same_config:
+        raise ValueError(f"{folder}: checkpoint was trained with another model config "
+                         f"(fields {', '.join(differ)} differ); use a new output_dir or "
+                         f"resume='none'")
     try:
         state = load_file(str(folder / "model.safetensors"))
         module.load_state_dict(state, strict=True)
     except Exception as error:  # safetensors and load_state_dict raise several types
-        raise ValueError(f"{folder}: cannot load checkpoint weights ({error})") from error
+        because = f"; the model configs differ in {', '.join(differ)}" if differ else ""
+        raise ValueError(f"{folder}: cannot load the weights ({error}){because}") from error
+    return differ
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module, model_config: Any,
@@ -455,20 +469,22 @@ def _time_is_up(started: float, config: TrainLoopConfig, context: DistributedCon
 def _resume(job: TrainingJob, model: nn.Module, ema: ExponentialMovingAverage | None,
             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     state = {"step": 0, "samples_seen": 0, "elapsed_s": 0.0, "resumed_from": None}
+    init = Path(job.config.init_weights) if job.config.init_weights else None
+    if init is not None and not (init / "config.json").is_file():
+        raise ValueError(f"init_weights: {init} is not a save_pretrained folder "
+                         f"(no config.json)")
     folder = find_resume_checkpoint(job.config)
     if folder is not None:
         state = load_checkpoint(folder, model, job.model_config, ema, optimizer)
         state["resumed_from"] = str(folder)
-    elif job.config.init_weights:
-        init = Path(job.config.init_weights)
-        if not (init / "config.json").is_file():
-            raise ValueError(f"init_weights: {init} is not a save_pretrained folder "
-                             f"(no config.json)")
-        _load_weights(unwrap(model), init, job.model_config,
-                      hint="set model_overrides (and the data's frame size) to match them")
+        if init is not None:
+            state["init_weights_ignored"] = f"resumed {folder} instead"
+    elif init is not None:
+        differ = _load_weights(unwrap(model), init, job.model_config, same_config=False)
         if ema is not None:
             ema.model.load_state_dict(unwrap(model).state_dict())
         state["initialised_from"] = str(init)
+        state["init_config_differences"] = differ
     return state
 
 
@@ -515,7 +531,8 @@ def run_training(job: TrainingJob, context: DistributedContext) -> Path:
         (out / TRAIN_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     append_json_line(log, {"event": "start", "model": job.name, "step": state["step"],
                            "resumed_from": state["resumed_from"],
-                           "initialised_from": state.get("initialised_from"),
+                           **{key: state[key] for key in ("initialised_from",
+                              "init_config_differences", "init_weights_ignored") if key in state},
                            "device": str(context.device),
                            "world_size": context.world_size,
                            "parameters": sum(p.numel() for p in model.parameters())})
