@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -39,7 +40,13 @@ from backend.train import (
 from backend.train.__main__ import build_config, main
 from backend.train.common import _resume, find_resume_checkpoint, make_optimizer
 from backend.train.diffusion import build_diffusion_job, diffusion_loss
-from backend.train.evaluate import frame_psnr, scored_cells, setting_mask
+from backend.train.evaluate import (
+    frame_psnr,
+    scored_cells,
+    seen_by_inputs,
+    setting_mask,
+    visibility_ceiling,
+)
 from backend.train.recon import GeometryValidSamples, choose_view_split
 from backend.weights import save_pretrained
 
@@ -417,6 +424,34 @@ def test_eval_writes_report_with_every_key_and_image_grids(tmp_path):
         assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
     grid = iio.imread(tmp_path / "eval" / "grid_row_and_column.png")
     assert grid.shape[1] > 2 * 3 * 16  # ground truth | generated, 3 timesteps each
+    ceiling = on_disk["psnr_recon_visibility_ceiling"]
+    assert math.isfinite(ceiling) and ceiling > on_disk["psnr_recon"]
+    assert 0.0 <= on_disk["recon"]["recon_held_out_unseen_fraction"] < 1.0
+
+
+def test_visibility_ceiling_counts_what_the_input_views_saw():
+    data = DataConfig(num_views=4, num_steps=2, height=16, width=16)
+    sample = make_sample(data, 3)
+    assert (sample.depth > 0).all()  # the backdrop fills every pixel
+    # a view sees all of itself; the ceiling is then exact (capped at 120 dB)
+    assert seen_by_inputs(sample, 1, [1]).all()
+    exact, unseen = visibility_ceiling(sample, [1], [1], torch.zeros(3))
+    assert (exact >= 119.9).all() and (unseen == 0).all()
+    # other views see part of it; a source whose depth is off everywhere sees nothing
+    # (the depth test is what keeps occluded points out)
+    others = seen_by_inputs(sample, 1, [0, 2, 3])
+    assert 0.0 < others.float().mean() < 1.0
+    assert others.float().mean() >= seen_by_inputs(sample, 1, [0]).float().mean()
+    wrong_depth = sample.depth.clone()
+    wrong_depth[0] *= 1.5  # the neighbour's surfaces moved away from the true ones
+    near = seen_by_inputs(sample, 1, [0]).float().mean()
+    wrong = seen_by_inputs(replace(sample, depth=wrong_depth), 1, [0]).float().mean()
+    assert near > 0.02 and wrong < 0.5 * near
+    psnr, unseen = visibility_ceiling(sample, [1], [0, 2, 3], torch.full((3,), 0.5))
+    assert psnr.shape == unseen.shape == (2,)
+    assert torch.allclose(unseen, 1 - others.float().mean(dim=(-1, -2)))
+    with pytest.raises(ValueError, match="needs samples with depth"):
+        seen_by_inputs(replace(sample, depth=None), 1, [0])
 
 
 @pytest.mark.parametrize("name, variants", [

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from backend.cameras import project_points, scale_intrinsics, unproject_depth
 from backend.data import DataConfig, Sample, make_sample
 from backend.diffusion.config import DiffusionConfig
 from backend.diffusion.model import SelfAttention, VideoDiT
@@ -212,6 +213,49 @@ def held_out_views(num_views: int, count: int, interior: bool,
     return sorted(int(v) for v in rng.choice(list(pool), count, replace=False))
 
 
+VISIBILITY_DEPTH_TOLERANCE = 0.05  # relative z-depth agreement for "the same surface point"
+
+
+def seen_by_inputs(
+    sample: Sample,
+    view: int,
+    inputs: list[int],
+    tolerance: float = VISIBILITY_DEPTH_TOLERANCE,
+) -> Tensor:  # [T, H, W] bool
+    """Pixels of `view` whose surface point (ground-truth depth) some input view sees at
+    the same timestep: it projects inside that view and agrees with its depth there (so
+    occluded points do not count). Samples without depth raise ValueError."""
+    if sample.depth is None:
+        raise ValueError("the visibility ceiling needs samples with depth")
+    H, W = sample.depth.shape[-2:]
+    c2w, intr = sample.c2w.double(), sample.intrinsics.double()
+    depth = sample.depth[:, :, 0].double()  # [V, T, H, W]
+    points = unproject_depth(depth[view], c2w[view], intr[view]).reshape(-1, H * W, 3)
+    seen = torch.zeros(depth.shape[1], H * W, dtype=torch.bool)  # [T, H*W]
+    for source in inputs:
+        scaled = scale_intrinsics(intr[source], W, H)  # [T, 6]
+        uv, z = project_points(points, c2w[source], scaled)  # [T, H*W, 2], [T, H*W]
+        inside = (z > 0) & (uv[..., 0] >= 0) & (uv[..., 0] < W) & (uv[..., 1] >= 0) \
+            & (uv[..., 1] < H)
+        x = uv[..., 0].clamp(0, W - 1).long()
+        y = uv[..., 1].clamp(0, H - 1).long()
+        there = torch.gather(depth[source].reshape(-1, H * W), 1, y * W + x)  # [T, H*W]
+        seen |= inside & ((there - z).abs() <= tolerance * z.abs())
+    return (seen & (depth[view].reshape(-1, H * W) > 0)).reshape(-1, H, W)
+
+
+def visibility_ceiling(sample: Sample, held: list[int], inputs: list[int],
+                       background: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-frame PSNR [len(held) * T] of the best render that invents nothing - exact
+    wherever an input view saw the surface, `background` elsewhere - and the unseen
+    fraction of each frame."""
+    truth = sample.frames[held]  # [h, T, 3, H, W]
+    seen = torch.stack([seen_by_inputs(sample, v, inputs) for v in held])  # [h, T, H, W]
+    best = torch.where(seen[:, :, None], truth, background.view(1, 1, 3, 1, 1).to(truth))
+    psnr = frame_psnr(best.reshape(-1, *truth.shape[2:]), truth.reshape(-1, *truth.shape[2:]))
+    return psnr, 1.0 - seen.float().mean(dim=(-1, -2)).reshape(-1)
+
+
 def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
                    device: torch.device) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Scores of renders at held-out views (and at the input views) and an image grid.
@@ -219,9 +263,13 @@ def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
     `psnr_recon`/`ssim_recon` hold out interior views of each rig; `*_any_views` hold out
     views drawn from the whole rig, first and last camera included (extrapolation on arcs).
     Parts of the backdrop that no input view saw hold no Gaussians: renders fill them with
-    the mean colour of the input frames (`*_black_background`: with black, as trained)."""
+    the mean colour of the input frames (`*_black_background`: with black, as trained).
+    `psnr_recon_visibility_ceiling` is what a reconstruction that invents nothing could reach
+    at the same held-out views (exact wherever an input view saw the surface at that
+    timestep, the fill colour elsewhere; `recon_held_out_unseen_fraction` of the pixels)."""
     scores: dict[str, list[Tensor]] = {k: [] for k in ("held", "held_ssim", "inputs", "any",
-                                                      "any_ssim", "black")}
+                                                      "any_ssim", "black", "ceiling",
+                                                      "unseen")}
     truths, renders = [], []
     for sample in samples:
         frames = sample.frames[None].to(device)  # [1, V, T, 3, H, W]
@@ -245,6 +293,11 @@ def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
             p, s = scored_cells(rgb, truth, is_held)
             if black is not None:
                 scores["black"].append(scored_cells(black.clamp(0, 1).cpu(), truth, is_held)[0])
+                if sample.depth is not None and sample.geometry_valid:
+                    ceiling, unseen = visibility_ceiling(sample, held, inputs,
+                                                         background.cpu())
+                    scores["ceiling"].append(ceiling)
+                    scores["unseen"].append(unseen)
             if interior:
                 scores["held"].append(p)
                 scores["held_ssim"].append(s)
@@ -256,13 +309,15 @@ def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
                 scores["any_ssim"].append(s)
     shown = slice(0, config.grid_samples)
 
-    def mean(key: str) -> float:
-        return float(torch.cat(scores[key]).mean())
+    def mean(key: str) -> float | None:
+        return float(torch.cat(scores[key]).mean()) if scores[key] else None
 
     report = {"model": "recon", "psnr_recon": mean("held"), "ssim_recon": mean("held_ssim"),
               "psnr_recon_input_views": mean("inputs"), "psnr_recon_any_views": mean("any"),
               "ssim_recon_any_views": mean("any_ssim"),
-              "psnr_recon_black_background": mean("black"), "input_views": config.num_views,
+              "psnr_recon_black_background": mean("black"),
+              "psnr_recon_visibility_ceiling": mean("ceiling"),
+              "recon_held_out_unseen_fraction": mean("unseen"), "input_views": config.num_views,
               "held_out_views": config.recon_held_out_views}
     grid = image_grid(torch.stack(truths[shown]), torch.stack(renders[shown]))
     return report, {"recon": grid}
@@ -337,7 +392,8 @@ def evaluate_all(diffusion_weights: str | Path, recon_weights: str | Path,
     recon = run_evaluation("recon", recon_weights, config)
     headline = {key: diffusion[key] for key in METRIC_KEYS}
     headline.update({f"{key}_row_only": diffusion[f"{key}_row_only"] for key in METRIC_KEYS})
-    headline.update(psnr_recon=recon["psnr_recon"], ssim_recon=recon["ssim_recon"])
+    headline.update(psnr_recon=recon["psnr_recon"], ssim_recon=recon["ssim_recon"],
+                    psnr_recon_visibility_ceiling=recon["psnr_recon_visibility_ceiling"])
     report = {**headline, "diffusion": diffusion, "recon": recon}
     path = Path(config.output_dir) / "report.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
