@@ -133,27 +133,29 @@ def _make_calls(V: int, T: int, P: int, config: AttentionBenchConfig, device: to
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         decomposed_view_time_attention(*leaves, V, T).backward(grad_out)
 
+    def requested(kernel: str) -> bool:  # full attention always runs
+        return not config.kernels or kernel in config.kernels
+
     calls = {}
-    wanted = set(config.kernels)
-    if flex_available(device):
-        calls["flex_fwd"] = no_grad(lambda *a: flex_view_time_attention(*a, V, T))
-    elif not wanted or "flex" in wanted:
-        notes.append(f"flex skipped: FlexAttention not available on {device}")
-    calls["decomposed_fwd"] = no_grad(lambda *a: decomposed_view_time_attention(*a, V, T))
-    calls["merged_fwd"] = no_grad(lambda *a: merged_view_time_attention(*a, V, T))
-    calls["decomposed_fwd_bwd"] = decomposed_fwd_bwd
+    if requested("flex"):
+        if flex_available(device):
+            calls["flex_fwd"] = no_grad(lambda *a: flex_view_time_attention(*a, V, T))
+        else:
+            notes.append(f"flex skipped: FlexAttention not available on {device}")
+    if requested("decomposed"):
+        calls["decomposed_fwd"] = no_grad(lambda *a: decomposed_view_time_attention(*a, V, T))
+    if requested("merged"):
+        calls["merged_fwd"] = no_grad(lambda *a: merged_view_time_attention(*a, V, T))
+    if requested("decomposed_fwd_bwd"):
+        calls["decomposed_fwd_bwd"] = decomposed_fwd_bwd
     mask_bytes = 5 * N * N
-    if mask_bytes <= config.reference_mask_cap_bytes:
-        calls["reference_fwd"] = no_grad(lambda *a: reference_attention(*a, V, T))
-    elif wanted and "reference" not in wanted:
-        pass
-    else:
-        notes.append(f"reference skipped: dense mask {mask_bytes / 2**30:.1f} GiB exceeds the "
-                     f"{config.reference_mask_cap_bytes / 2**30:.1f} GiB cap")
+    if requested("reference"):
+        if mask_bytes <= config.reference_mask_cap_bytes:
+            calls["reference_fwd"] = no_grad(lambda *a: reference_attention(*a, V, T))
+        else:
+            notes.append(f"reference skipped: dense mask {mask_bytes / 2**30:.1f} GiB exceeds "
+                         f"the {config.reference_mask_cap_bytes / 2**30:.1f} GiB cap")
     calls["full_fwd"] = no_grad(full_attention)
-    if config.kernels:
-        calls = {name: call for name, call in calls.items()
-                 if name == "full_fwd" or name.removesuffix("_fwd") in config.kernels}
     return calls
 
 
@@ -284,11 +286,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     kernels = tuple(name.strip() for name in (args.only or "").split(",") if name.strip())
-    known = {name.removesuffix("_fwd") for name in EXACT} | {"decomposed_fwd_bwd"}
+    exact = {name.removesuffix("_fwd") for name in EXACT}
+    known = exact | {"decomposed_fwd_bwd"}
     if set(kernels) - known:
         raise ValueError(f"--only: unknown kernels {sorted(set(kernels) - known)}; "
                          f"choose from {sorted(known)}")
-    if kernels and not set(kernels) & {name.removesuffix("_fwd") for name in EXACT}:
+    if kernels and not set(kernels) & exact:
         raise ValueError("--only: name at least one exact forward kernel to compare with full "
                          "attention (flex, decomposed, merged or reference)")
     config = AttentionBenchConfig(repeats=args.repeats, kernels=kernels)

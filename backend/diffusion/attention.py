@@ -64,7 +64,7 @@ def view_time_mask(
 ) -> Tensor:  # [N, N] bool, True = may attend
     """Dense fused view-time mask: query (v, t) may attend key (v', t') iff v == v' or t == t'."""
     require_positive_ints(num_views=num_views, num_steps=num_steps,
-                           tokens_per_frame=tokens_per_frame)
+                          tokens_per_frame=tokens_per_frame)
     index = torch.arange(num_views * num_steps * tokens_per_frame, device=device)  # [N]
     view = index // (num_steps * tokens_per_frame)
     step = (index // tokens_per_frame) % num_steps

@@ -293,11 +293,10 @@ def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
             p, s = scored_cells(rgb, truth, is_held)
             if black is not None:
                 scores["black"].append(scored_cells(black.clamp(0, 1).cpu(), truth, is_held)[0])
-                if sample.depth is not None and sample.geometry_valid:
-                    ceiling, unseen = visibility_ceiling(sample, held, inputs,
-                                                         background.cpu())
-                    scores["ceiling"].append(ceiling)
-                    scores["unseen"].append(unseen)
+            if interior and sample.depth is not None and sample.geometry_valid:
+                ceiling, unseen = visibility_ceiling(sample, held, inputs, background.cpu())
+                scores["ceiling"].append(ceiling)
+                scores["unseen"].append(unseen)
             if interior:
                 scores["held"].append(p)
                 scores["held_ssim"].append(s)
