@@ -44,6 +44,7 @@ RUNTIME_REQUIREMENTS = [
     "imageio-ffmpeg>=0.5",
     "gsplat==1.5.3",
     "packaging",  # gsplat imports it without declaring it
+    "numba==0.68.*",  # JIT for the CPU rasterizer: wheels, no compiler needed
 ]
 DEV_REQUIREMENTS = [
     "bpy==5.0.1",
@@ -231,7 +232,7 @@ def cmd_test(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     """The whole product headless in Blender; writes out/demo/ (extra args go to the demo)."""
-    return run_in_venv(["-m", "backend.demo", *extra])
+    return run_in_venv(["-m", "backend.tools.demo", *extra])
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
@@ -254,7 +255,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
-    return run_in_venv(["-m", "backend.bench", *extra])
+    return run_in_venv(["-m", "backend.tools.bench", *extra])
 
 
 # ----------------------------------------------------------------------------- addon

@@ -7,7 +7,7 @@ import json
 import pytest
 from blender_support import bpy  # noqa: F401  (bpy set up before the benchmark imports it)
 
-from backend.bench import blender as bench
+from backend.tools.bench import blender as bench
 
 pytestmark = pytest.mark.blender
 

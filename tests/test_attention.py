@@ -395,7 +395,7 @@ def test_mismatched_shapes_raise():
 
 
 def test_attention_bench_times_the_chosen_kernels_and_pairs_the_rounds():
-    from backend.bench.attention import AttentionBenchConfig, time_shape
+    from backend.tools.bench.attention import AttentionBenchConfig, time_shape
 
     config = AttentionBenchConfig(num_heads=2, head_dim=8, repeats=3, kernels=("merged",))
     result = time_shape(2, 3, 4, config, torch.device("cpu"))
@@ -413,7 +413,7 @@ def test_attention_bench_times_the_chosen_kernels_and_pairs_the_rounds():
 
 
 def test_attention_bench_refuses_a_kernel_list_without_an_exact_forward():
-    from backend.bench.attention import main
+    from backend.tools.bench.attention import main
 
     with pytest.raises(ValueError, match="at least one exact forward kernel"):
         main(["--quick", "--only", "decomposed_fwd_bwd"])

@@ -24,7 +24,7 @@ STAGES = ("scene", "render_truth", "backend_start", "generate_and_import",
 def run_demo(out: Path, *args: str, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("FOURREAL_WEIGHTS", None)  # the shipped checkpoints
-    result = subprocess.run([sys.executable, "-m", "backend.demo", "--out", str(out), *args],
+    result = subprocess.run([sys.executable, "-m", "backend.tools.demo", "--out", str(out), *args],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "generated views vs Blender" in result.stdout
@@ -86,7 +86,7 @@ def test_demo_refuses_to_clear_a_folder_it_did_not_write(tmp_path):
     keep = tmp_path / "precious.txt"
     keep.write_text("not a demo")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", "backend.demo", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "backend.tools.demo", "--out", str(tmp_path)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "not empty and holds no earlier demo" in result.stderr

@@ -1,6 +1,6 @@
 """Benchmark fused view-time attention kernels against full and dense-masked attention.
 
-`python -m backend.bench attention [--json PATH] [--quick] [--device cpu|cuda] [--repeats R]
+`python -m backend.tools.bench attention [--json PATH] [--quick] [--device cpu|cuda] [--repeats R]
 [--threads T] [--shape VxTxP] [--only KERNEL,...]`
 
 For each grid V x T and tokens per frame P (4 heads of 64, B=1, float32) it times, in one

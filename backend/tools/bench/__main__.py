@@ -1,4 +1,4 @@
-"""Dispatch `python -m backend.bench NAME ...` to `backend.bench.NAME.main(argv)`."""
+"""Dispatch `python -m backend.tools.bench NAME ...` to `backend.tools.bench.NAME.main(argv)`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 import sys
 
-import backend.bench as bench_pkg
+import backend.tools.bench as bench_pkg
 
 
 def available() -> list[str]:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown benchmark {argv[0]!r}", file=sys.stderr)
         print(f"usage: build.py bench {{{','.join(names)}}} [--json PATH] [options]")
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
-    module = importlib.import_module(f"backend.bench.{argv[0]}")
+    module = importlib.import_module(f"backend.tools.bench.{argv[0]}")
     return int(module.main(argv[1:]) or 0)
 
 

@@ -1,6 +1,6 @@
 """Benchmark the procedural data generator: samples per second in one process.
 
-`python -m backend.bench data [--json PATH] [--samples N] [--threads T]`
+`python -m backend.tools.bench data [--json PATH] [--samples N] [--threads T]`
 
 Cases are 4 views x 8 timesteps at 64x64 and 32x32 with the default data mix. By default torch
 runs one thread, as in a DataLoader worker (the renderer's small tensors gain little from more,

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     sock.linger = 0
     sock.bind("tcp://127.0.0.1:*")
     address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    sender = subprocess.Popen([sys.executable, "-m", "backend.bench", "transfer", "--role",
+    sender = subprocess.Popen([sys.executable, "-m", "backend.tools.bench", "transfer", "--role",
                                "sender", "--address", address, "--gaussians",
                                str(args.gaussians)])
     time.sleep(0.5)  # let the sender connect before the first request

@@ -98,7 +98,7 @@ def measure_refine(preset: str, size: int, refine_steps: int, device: str) -> di
 
 
 def _run_child(argv: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "backend.bench", "recon", "--role", "child", *argv]
+    cmd = [sys.executable, "-m", "backend.tools.bench", "recon", "--role", "child", *argv]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark subprocess failed: {' '.join(cmd)}\n{done.stderr}")

@@ -1,6 +1,6 @@
 """Benchmark the pure-torch Gaussian rasterizer: forward and forward+backward timings.
 
-`python -m backend.bench render [--json PATH] [--repeats R] [--threads T]`
+`python -m backend.tools.bench render [--json PATH] [--repeats R] [--threads T]`
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
 7. scores the generated grid and renders of the imported Gaussians against Blender's own
    renders, next to the trivial copy baseline, and writes everything to `out/demo/`.
 
-Run it as `python -m backend.demo [--views 4 --frames 8 ...]` with the repository's .venv
+Run it as `python -m backend.tools.demo [--views 4 --frames 8 ...]` with the repository's .venv
 (it needs bpy); `build.py demo` does the set-up first.
 """
 
@@ -310,7 +310,7 @@ def run(config: DemoConfig) -> dict:
                              "an empty or new folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by python -m backend.demo; replaced on each run\n")
+    (out / DEMO_MARKER).write_text("written by python -m backend.tools.demo; replaced on each run\n")
     timings: dict[str, float] = {}
     started = clock = time.perf_counter()
 
@@ -459,7 +459,7 @@ def summary(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = DemoConfig()
-    parser = argparse.ArgumentParser(prog="python -m backend.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m backend.tools.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=defaults.out)
     for name in ("views", "frames", "resolution", "samples", "steps", "seed", "refine_steps"):
