@@ -81,6 +81,7 @@ def tool_env() -> dict[str, str]:
     env.setdefault("BLENDER_USER_RESOURCES", str(CACHE / "blender"))
     env.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(CACHE / "hypothesis"))
     env.setdefault("MPLCONFIGDIR", str(CACHE / "matplotlib"))
+    env.setdefault("NUMBA_CACHE_DIR", str(CACHE / "numba"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
     return env
 

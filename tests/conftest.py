@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
 for _var, _sub in [("TORCHINDUCTOR_CACHE_DIR", "torchinductor"), ("XDG_CACHE_HOME", "xdg"),
                    ("BLENDER_USER_RESOURCES", "blender"),
-                   ("HYPOTHESIS_STORAGE_DIRECTORY", "hypothesis")]:
+                   ("HYPOTHESIS_STORAGE_DIRECTORY", "hypothesis"), ("NUMBA_CACHE_DIR", "numba")]:
     os.environ.setdefault(_var, str(CACHE / _sub))
 
 
