@@ -17,6 +17,8 @@ Standard library only: it runs on a bare Python 3.11 and sets up everything else
 from __future__ import annotations
 
 import argparse
+import ast
+import fnmatch
 import hashlib
 import json
 import os
@@ -26,7 +28,9 @@ import subprocess
 import sys
 import venv
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
@@ -262,7 +266,6 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
 # ----------------------------------------------------------------------------- addon
 
 ADDON_SOURCE = ROOT / "blender_addon"
-ADDON_VENDORED = ("protocol.py", "client.py", "gaussians.py")  # copied from backend/
 ADDON_PYZMQ = "27.3.0"
 # (Python version, pip platform tag) per bundled wheel: Blender 4.2-5.0 embed Python 3.11,
 # Blender 5.1+ Python 3.13; macOS wheels are universal2 (arm64 and x86_64 in one file).
@@ -272,20 +275,52 @@ ADDON_WHEEL_TARGETS = [
     for platform in ("manylinux_2_28_x86_64", "win_amd64", "macosx_11_0_arm64",
                      "macosx_10_15_x86_64")
 ]
-ADDON_EXCLUDE_DIRS = {"__pycache__", "tests", ".pytest_cache", ".ruff_cache", ".cache", "wheels"}
-ADDON_EXCLUDE_SUFFIXES = (".pyc", ".pyo", ".blend1")
 
 
-def sync_addon_vendor() -> list[str]:
-    """Copy the backend's protocol/client/gaussians modules into the add-on's vendor folder
-    where they differ; returns the names that changed."""
-    changed = []
-    for name in ADDON_VENDORED:
-        source, target = ROOT / "backend" / name, ADDON_SOURCE / "vendor" / name
-        if not target.exists() or target.read_bytes() != source.read_bytes():
-            shutil.copyfile(source, target)
-            changed.append(name)
-    return changed
+def addon_shared_modules() -> tuple[str, ...]:
+    """The backend modules the add-on vendors: `SHARED_MODULES` of blender_addon/vendor."""
+    tree = ast.parse((ADDON_SOURCE / "vendor" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "SHARED_MODULES" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    sys.exit("build.py addon: blender_addon/vendor/__init__.py defines no SHARED_MODULES")
+
+
+def excluded_by(rel: PurePosixPath, is_dir: bool, patterns: list[str]) -> bool:
+    """Whether the manifest's `[build] paths_exclude_pattern` (gitignore-style, as Blender's
+    `extension build` reads it) excludes `rel` or one of its folders."""
+    for pattern in patterns:
+        dir_only = pattern.endswith("/")
+        body = pattern.rstrip("/")
+        anchored = "/" in body
+        body = body.lstrip("/")
+        for depth in range(1, len(rel.parts) + 1):
+            part_is_dir = depth < len(rel.parts) or is_dir
+            if dir_only and not part_is_dir:
+                continue
+            target = "/".join(rel.parts[:depth]) if anchored else rel.parts[depth - 1]
+            if fnmatch.fnmatchcase(target, body):
+                return True
+    return False
+
+
+def addon_files(patterns: list[str]) -> list[PurePosixPath]:
+    """The add-on's files to package (relative paths), without what the manifest excludes."""
+    files = []
+    for path in sorted(ADDON_SOURCE.rglob("*")):
+        rel = PurePosixPath(path.relative_to(ADDON_SOURCE).as_posix())
+        if not path.is_dir() and not excluded_by(rel, False, patterns):
+            files.append(rel)
+    return files
+
+
+def manifest_excludes(text: str) -> list[str]:
+    try:
+        return list(tomllib.loads(text)["build"]["paths_exclude_pattern"])
+    except (KeyError, tomllib.TOMLDecodeError) as error:
+        sys.exit(f"build.py addon: blender_manifest.toml needs [build] paths_exclude_pattern "
+                 f"({error})")
 
 
 def manifest_field(text: str, key: str) -> str:
@@ -325,19 +360,6 @@ def download_addon_wheels(folder: Path, version: str) -> list[Path]:
     return sorted(wheels)
 
 
-def addon_files() -> list[Path]:
-    """The add-on's files to package (relative paths), without caches and tests."""
-    files = []
-    for path in sorted(ADDON_SOURCE.rglob("*")):
-        rel = path.relative_to(ADDON_SOURCE)
-        if path.is_dir() or ADDON_EXCLUDE_DIRS & set(rel.parts[:-1]):
-            continue
-        if path.suffix in ADDON_EXCLUDE_SUFFIXES or rel.name.startswith(("test_", ".")):
-            continue
-        files.append(rel)
-    return files
-
-
 def manifest_with_wheels(text: str, wheels: list[Path]) -> str:
     listing = "".join(f'  "./wheels/{w.name}",\n' for w in wheels)
     block = f"wheels = [\n{listing}]" if wheels else "wheels = []"
@@ -348,27 +370,29 @@ def manifest_with_wheels(text: str, wheels: list[Path]) -> str:
 
 
 def cmd_addon(args: argparse.Namespace, extra: list[str]) -> int:
-    """Build dist/<id>-<version>.zip: the add-on, its vendored backend modules and pyzmq
-    wheels for Linux, Windows and macOS."""
-    changed = sync_addon_vendor()
-    if changed:
-        log(f"updated vendored copies from backend/: {', '.join(changed)}")
+    """Build dist/<id>-<version>.zip: the add-on's files less the manifest's exclusions, the
+    backend modules it shares (into vendor/) and pyzmq wheels for Linux, Windows and macOS."""
     manifest = (ADDON_SOURCE / "blender_manifest.toml").read_text()
     addon_id, version = manifest_field(manifest, "id"), manifest_field(manifest, "version")
+    patterns = manifest_excludes(manifest)
+    shared = addon_shared_modules()
     wheels = [] if args.no_wheels else download_addon_wheels(
         Path(args.wheel_cache), args.pyzmq)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     target = output / f"{addon_id}-{version}.zip"
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
-        for rel in addon_files():
+        for rel in addon_files(patterns):
             if rel.as_posix() == "blender_manifest.toml":
                 archive.writestr(rel.as_posix(), manifest_with_wheels(manifest, wheels))
-            else:
+            elif not (rel.parent.as_posix() == "vendor" and rel.stem in shared):
                 archive.write(ADDON_SOURCE / rel, rel.as_posix())
+        for name in shared:
+            archive.write(ROOT / "backend" / f"{name}.py", f"vendor/{name}.py")
         for wheel in wheels:
             archive.write(wheel, f"wheels/{wheel.name}")
-    log(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {len(wheels)} wheels)")
+    log(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {len(wheels)} wheels, "
+        f"shared backend modules {', '.join(shared)})")
     return 0
 
 
@@ -406,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return cmd_setup(args)
-    handler = {"demo": cmd_demo, "test": cmd_test, "serve": cmd_serve, "bench": cmd_bench, "train": cmd_train,
-               "eval": cmd_eval}[args.command]
+    handler = {"demo": cmd_demo, "test": cmd_test, "serve": cmd_serve, "bench": cmd_bench,
+               "train": cmd_train, "eval": cmd_eval}[args.command]
     return handler(args, extra)
 
 

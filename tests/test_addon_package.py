@@ -3,16 +3,18 @@ that `build.py addon` builds, installed into a fresh Blender user folder."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import tomllib
+from blender_support import addon_module
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "blender_addon"
@@ -34,12 +36,26 @@ INSTALL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("name", ["protocol.py", "client.py", "gaussians.py"])
-def test_vendored_modules_are_byte_identical_to_the_backend(name):
-    vendored, original = ADDON / "vendor" / name, ROOT / "backend" / name
-    assert vendored.read_bytes() == original.read_bytes(), (
-        f"blender_addon/vendor/{name} differs from backend/{name}: run "
-        "`python3 build.py addon` to refresh the vendored copies")
+def test_shared_modules_are_not_committed_twice():
+    """One copy of each shared module in the repository: the add-on reads the checkout's."""
+    vendor = addon_module("vendor")
+    assert vendor.SHARED_MODULES
+    for name in vendor.SHARED_MODULES:
+        assert not (ADDON / "vendor" / f"{name}.py").exists(), name
+        module = addon_module(f"vendor.{name}")
+        assert Path(module.__file__).resolve() == ROOT / "backend" / f"{name}.py"
+
+
+def test_exclusions_follow_the_manifest_patterns():
+    build = load_build_module()
+    patterns = MANIFEST["build"]["paths_exclude_pattern"]
+    files = {p.as_posix() for p in build.addon_files(patterns)}
+    assert {"__init__.py", "blender_manifest.toml", "vendor/__init__.py"} <= files
+    cases = {"__pycache__/x.cpython-311.pyc": True, "a/__pycache__/b.py": True, "x.pyc": True,
+             "tests/test_a.py": True, "vendor/tests/a.py": False, "test_rig.py": True,
+             "scene.blend1": True, "rig.py": False, ".cache/a": True}
+    for rel, expected in cases.items():
+        assert build.excluded_by(PurePosixPath(rel), False, patterns) == expected, rel
 
 
 def test_manifest_declares_the_extension():
@@ -60,6 +76,13 @@ def test_manifest_lists_pyzmq_for_every_platform_and_python():
         for platform in ("manylinux", "win_amd64", "macosx"):
             assert any(python_tag in w and platform in w for w in wheels), (python_tag, platform)
     assert all("universal2" in w for w in wheels if "macosx" in w), "arm64 and x86_64"
+
+
+def load_build_module():
+    spec = importlib.util.spec_from_file_location("build_script", ROOT / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_addon(tmp_path: Path, *args: str) -> Path:
@@ -89,6 +112,9 @@ def test_built_zip_has_the_addon_without_tests_or_caches_and_installs(tmp_path):
                      "vendor/__init__.py", "vendor/protocol.py", "vendor/client.py",
                      "vendor/gaussians.py"):
         assert required in names
+    for name in ("protocol", "client", "gaussians"):
+        assert zipfile.ZipFile(package).read(f"vendor/{name}.py") == \
+            (ROOT / "backend" / f"{name}.py").read_bytes()
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")
                 or "/test_" in n or n.startswith("test")]
     manifest = tomllib.loads(zipfile.ZipFile(package).read("blender_manifest.toml").decode())
