@@ -1,4 +1,5 @@
-"""Gaussian rasterization with one signature: gsplat on CUDA, a pure-torch renderer elsewhere."""
+"""Gaussian rasterization with one signature: gsplat on CUDA, numba kernels on the CPU, and the
+pure-torch reference twin they are tested against."""
 
 from __future__ import annotations
 
@@ -8,44 +9,56 @@ from torch import Tensor
 
 from backend.cameras import c2w_to_viewmat, intrinsics_to_K
 from backend.gaussians import Gaussians
+from backend.render.cpu_rasterizer import CpuRasterizerConfig, rasterize_cpu
+from backend.render.inputs import RASTERIZE_MODES
 from backend.render.torch_rasterizer import RenderOutput, TorchRasterizerConfig, rasterize_torch
 
-BACKENDS = ("auto", "torch", "gsplat")
+BACKENDS = ("auto", "cpu", "torch", "gsplat")
 
-__all__ = ["BACKENDS", "RenderOutput", "TorchRasterizerConfig", "rasterize",
-           "rasterize_gaussians", "rasterize_torch"]
+__all__ = ["BACKENDS", "RASTERIZE_MODES", "CpuRasterizerConfig", "RenderOutput",
+           "TorchRasterizerConfig", "rasterize", "rasterize_cpu", "rasterize_gaussians",
+           "rasterize_torch"]
 
 
 def rasterize(
-    means: Tensor,  # [N, 3] world
-    quats: Tensor,  # [N, 4] (w, x, y, z), normalised inside
-    scales: Tensor,  # [N, 3] linear
-    opacities: Tensor,  # [N]
-    colors: Tensor,  # [N, 3] RGB (or [N, D] features)
-    viewmats: Tensor,  # [C, 4, 4] world-to-camera, OpenCV convention
-    Ks: Tensor,  # [C, 3, 3]
+    means: Tensor,  # [..., N, 3] world
+    quats: Tensor,  # [..., N, 4] (w, x, y, z), normalised inside
+    scales: Tensor,  # [..., N, 3] linear
+    opacities: Tensor,  # [..., N]
+    colors: Tensor,  # [..., N, D] RGB or features, or [..., C, N, D] per camera
+    viewmats: Tensor,  # [..., C, 4, 4] world-to-camera, OpenCV convention
+    Ks: Tensor,  # [..., C, 3, 3]
     width: int,
     height: int,
     near: float = 0.01,
     far: float = 1e10,
-    background: Tensor | None = None,  # [D] or [C, D]
-    backend: str = "auto",  # "auto" | "torch" | "gsplat"
+    background: Tensor | None = None,  # [D] or [..., C, D]
+    backend: str = "auto",  # "auto" | "cpu" | "torch" | "gsplat"
+    rasterize_mode: str = "classic",  # "classic" | "antialiased" (gsplat's)
+    packed: bool = False,  # gsplat's packed intermediates; the CPU kernels always pack
 ) -> RenderOutput:
-    """Render Gaussians into C cameras: rgb [C, H, W, D], alpha and expected depth [C, H, W, 1].
+    """Render Gaussians into cameras: rgb [..., C, H, W, D], alpha and expected depth
+    [..., C, H, W, 1]. The batch dims of means and viewmats broadcast (`backend.render.inputs`),
+    so T timesteps' Gaussians [T, N, 3] render into their cameras [T, C, 4, 4] in one call.
 
-    "auto" uses gsplat for CUDA tensors and the torch renderer otherwise.
+    "auto" uses gsplat for CUDA tensors, else the numba CPU kernels, or the torch twin when
+    gradients for the cameras are needed (the CPU kernels give none).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "gsplat" if means.device.type == "cuda" else "torch"
+        camera_grads = torch.is_grad_enabled() and (viewmats.requires_grad or Ks.requires_grad)
+        backend = ("gsplat" if means.device.type == "cuda"
+                   else "torch" if camera_grads else "cpu")
     args = (means, quats, scales, opacities, colors, viewmats, Ks, width, height, near, far,
             background)
     if backend == "gsplat":
         from backend.render.gsplat_rasterizer import rasterize_gsplat
 
-        return rasterize_gsplat(*args)
-    return rasterize_torch(*args)
+        return rasterize_gsplat(*args, rasterize_mode=rasterize_mode, packed=packed)
+    if backend == "cpu":
+        return rasterize_cpu(*args, rasterize_mode=rasterize_mode)
+    return rasterize_torch(*args, rasterize_mode=rasterize_mode)
 
 
 def rasterize_gaussians(

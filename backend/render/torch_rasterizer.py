@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as run_checkpointed
 
+from backend.render.inputs import broadcast_raster_inputs
+
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.99
 TRANSMITTANCE_MIN = 1e-4
@@ -48,56 +50,6 @@ class TorchRasterizerConfig:
     checkpoint: bool = True  # recompute steps in backward instead of storing them
 
 
-def check_raster_inputs(
-    means: Tensor,  # [N, 3]
-    quats: Tensor,  # [N, 4]
-    scales: Tensor,  # [N, 3]
-    opacities: Tensor,  # [N]
-    colors: Tensor,  # [N, D]
-    viewmats: Tensor,  # [C, 4, 4]
-    Ks: Tensor,  # [C, 3, 3]
-    width: int,
-    height: int,
-    near: float,
-    far: float,
-    background: Tensor | None,  # [D] or [C, D]
-) -> Tensor | None:  # background as [C, D]
-    """Validate `rasterize` arguments; raise ValueError naming the first problem."""
-    if means.ndim != 2 or means.shape[1] != 3:
-        raise ValueError(f"means: expected shape [N, 3], got {list(means.shape)}")
-    n = means.shape[0]
-    for name, tensor, shape in (("quats", quats, (n, 4)), ("scales", scales, (n, 3)),
-                                ("opacities", opacities, (n,))):
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(tensor.shape)}")
-    if colors.ndim != 2 or colors.shape[0] != n or colors.shape[1] < 1:
-        raise ValueError(f"colors: expected shape [N={n}, D], got {list(colors.shape)}")
-    if viewmats.ndim != 3 or viewmats.shape[1:] != (4, 4) or viewmats.shape[0] < 1:
-        raise ValueError(f"viewmats: expected shape [C, 4, 4], got {list(viewmats.shape)}")
-    if tuple(Ks.shape) != (viewmats.shape[0], 3, 3):
-        raise ValueError(f"Ks: expected shape [{viewmats.shape[0]}, 3, 3], got {list(Ks.shape)}")
-    for name, tensor in (("means", means), ("quats", quats), ("scales", scales),
-                         ("opacities", opacities), ("colors", colors)):
-        if not tensor.is_floating_point() or tensor.dtype != means.dtype:
-            raise ValueError(f"{name}: dtype {tensor.dtype} differs from means ({means.dtype})")
-        if tensor.device != means.device:
-            raise ValueError(f"{name}: on {tensor.device}, means on {means.device}")
-    if int(width) != width or int(height) != height or width < 1 or height < 1:
-        raise ValueError(f"width/height must be positive integers, got {width}x{height}")
-    if not 0 < near < far:
-        raise ValueError(f"near/far: need 0 < near < far, got near={near}, far={far}")
-    if background is None:
-        return None
-    num_cams, channels = viewmats.shape[0], colors.shape[1]
-    if tuple(background.shape) == (channels,):
-        return background.to(means).expand(num_cams, channels)
-    if tuple(background.shape) == (num_cams, channels):
-        return background.to(means)
-    raise ValueError(
-        f"background: expected shape [{channels}] or [{num_cams}, {channels}], "
-        f"got {list(background.shape)}")
-
-
 def quat_scale_to_matrix(
     quats: Tensor,  # [N, 4] (w, x, y, z)
     scales: Tensor,  # [N, 3]
@@ -118,6 +70,7 @@ class ProjectedGaussians:
     depths: Tensor  # [C, N] camera z of the centres
     radii: Tensor  # [C, N, 2] half extent (px) of the box holding alpha >= 1/255
     valid: Tensor  # [C, N] bool, False for culled Gaussians
+    opacities: Tensor  # [C, N] opacity times the antialiasing compensation (if any)
 
 
 def project_gaussians(
@@ -131,8 +84,13 @@ def project_gaussians(
     height: int,
     near: float,
     far: float,
+    antialiased: bool = False,
 ) -> ProjectedGaussians:
-    """EWA projection of every Gaussian into every camera, with culling."""
+    """EWA projection of every Gaussian into every camera, with culling.
+
+    With `antialiased` (gsplat's "antialiased" mode, Mip-Splatting's 2D filter) the opacity
+    is scaled by sqrt(det(cov2d) / det(cov2d + 0.3 I)), the blur's loss of peak density.
+    """
     rot_view, trans_view = viewmats[:, None, :3, :3], viewmats[:, None, :3, 3]  # [C, 1, ...]
     means_cam = (rot_view @ means[None, :, :, None])[..., 0] + trans_view  # [C, N, 3]
     x, y, z = means_cam.unbind(-1)  # [C, N] each
@@ -157,15 +115,21 @@ def project_gaussians(
     det_safe = torch.where(det > 0, det, torch.ones_like(det))
     conics = torch.stack([cov_c / det_safe, -cov_b / det_safe, cov_a / det_safe], dim=-1)
     means2d = torch.stack([fx * x / z_safe + cx, fy * y / z_safe + cy], dim=-1)  # [C, N, 2]
+    opacities = opacities[None].expand_as(z)
+    if antialiased:
+        det_orig = (cov_a - BLUR_EPS) * (cov_c - BLUR_EPS) - cov_b * cov_b
+        ratio = det_orig / det_safe
+        positive = ratio > 0  # a sqrt's gradient at 0 is infinite: keep it off the graph
+        opacities = opacities * torch.where(positive, torch.where(positive, ratio, 1.0).sqrt(), 0.0)
     with torch.no_grad():
-        opac = opacities.detach()[None].expand_as(z)
+        opac = opacities.detach()
         extent = torch.sqrt(2 * torch.log(torch.clamp(opac / ALPHA_MIN, min=1.0)))
         radii = extent[..., None] * torch.stack([cov_a, cov_c], -1).sqrt() * 1.001 + 0.01
         lo, hi = means2d - radii, means2d + radii
         on_screen = ((hi[..., 0] > 0) & (lo[..., 0] < width)
                      & (hi[..., 1] > 0) & (lo[..., 1] < height))
         valid = in_range & (det > 0) & (opac >= ALPHA_MIN) & on_screen
-    return ProjectedGaussians(means2d, conics, z, radii, valid)
+    return ProjectedGaussians(means2d, conics, z, radii, valid, opacities)
 
 
 @dataclass
@@ -293,37 +257,69 @@ def _composite_tile_batch(
 
 
 def rasterize_torch(
-    means: Tensor,  # [N, 3] world
-    quats: Tensor,  # [N, 4] (w, x, y, z), normalised inside
-    scales: Tensor,  # [N, 3] linear
-    opacities: Tensor,  # [N]
-    colors: Tensor,  # [N, D]
-    viewmats: Tensor,  # [C, 4, 4] world-to-camera, OpenCV convention
-    Ks: Tensor,  # [C, 3, 3]
+    means: Tensor,  # [..., N, 3] world
+    quats: Tensor,  # [..., N, 4] (w, x, y, z), normalised inside
+    scales: Tensor,  # [..., N, 3] linear
+    opacities: Tensor,  # [..., N]
+    colors: Tensor,  # [..., N, D] or [..., C, N, D]
+    viewmats: Tensor,  # [..., C, 4, 4] world-to-camera, OpenCV convention
+    Ks: Tensor,  # [..., C, 3, 3]
     width: int,
     height: int,
     near: float = 0.01,
     far: float = 1e10,
-    background: Tensor | None = None,  # [D] or [C, D]
+    background: Tensor | None = None,  # [D] or [..., C, D]
     config: TorchRasterizerConfig | None = None,
+    rasterize_mode: str = "classic",  # "classic" | "antialiased"
 ) -> RenderOutput:
-    """Render Gaussians into C cameras with the tile rasterizer; see the module docstring."""
+    """Render Gaussians into cameras with the tile rasterizer; see the module docstring.
+
+    Batch dims broadcast as `backend.render.inputs` describes; outputs are [..., C, H, W, *].
+    Each (batch, camera set) is rendered by its own call: this is the plain reference.
+    """
     config = config or TorchRasterizerConfig()
     if config.tile_size < 1 or config.chunk_size < 1 or config.max_evals_per_step < 1:
         raise ValueError(f"TorchRasterizerConfig: sizes must be positive, got {config}")
-    background = check_raster_inputs(means, quats, scales, opacities, colors, viewmats, Ks,
-                                     width, height, near, far, background)
-    width, height = int(width), int(height)
-    viewmats, Ks = viewmats.to(means), Ks.to(means)
+    batch = broadcast_raster_inputs(means, quats, scales, opacities, colors, viewmats, Ks,
+                                    width, height, near, far, background, rasterize_mode)
+    outputs = []
+    for b in range(batch.viewmats.shape[0]):
+        g = batch.gaussian_set(b)
+        outputs.append(_rasterize_cameras(
+            batch.means[g], batch.quats[g], batch.scales[g], batch.opacities[g],
+            batch.colors[b] if batch.colors_per_camera else batch.colors[g],
+            batch.viewmats[b], batch.Ks[b], int(width), int(height), near, far,
+            None if batch.background is None else batch.background[b],
+            rasterize_mode == "antialiased", config))
+    return RenderOutput(*(batch.unflatten(torch.stack(parts)) for parts in zip(*outputs)))
+
+
+def _rasterize_cameras(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    colors: Tensor,  # [N, D] or [C, N, D]
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    near: float,
+    far: float,
+    background: Tensor | None,  # [C, D]
+    antialiased: bool,
+    config: TorchRasterizerConfig,
+) -> RenderOutput:  # [C, H, W, *]
     proj = project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height,
-                             near, far)
+                             near, far, antialiased)
     size = config.tile_size
     tiles_x, tiles_y = -(-width // size), -(-height // size)
     bins = bin_gaussians_to_tiles(proj, tiles_x, tiles_y, size)
     cams, gaussians = bins.entry_cams, bins.entry_gaussians
     depths = proj.depths[cams, gaussians]  # [E]
     entries = torch.cat([proj.means2d[cams, gaussians], proj.conics[cams, gaussians],
-                         torch.log(opacities[gaussians])[:, None], colors[gaussians],
+                         torch.log(proj.opacities[cams, gaussians])[:, None],
+                         colors[cams, gaussians] if colors.ndim == 3 else colors[gaussians],
                          depths[:, None], torch.ones_like(depths)[:, None]], dim=-1)  # [E, 6+F]
     num_cams, num_tiles = viewmats.shape[0], viewmats.shape[0] * tiles_x * tiles_y
     tiles_per_batch = max(1, config.max_evals_per_step // (size * size * config.chunk_size))
@@ -344,7 +340,7 @@ def rasterize_torch(
 
     transmittance = to_image(transmittance[..., None])  # [C, H, W, 1]
     alpha = 1.0 - transmittance
-    channels = colors.shape[1]
+    channels = colors.shape[-1]
     rgb = to_image(sums[..., :channels])
     if background is not None:
         rgb = rgb + transmittance * background[:, None, None, :]

@@ -1,0 +1,215 @@
+"""Numba kernels: tile binning, front-to-back compositing and its backward pass.
+
+Projected pairs (`cpu_project.project_all`: proj [I, N, 9], valid [I, N]) are binned per
+image: the kept Gaussians are sorted by depth (stable, so ties keep index order) and appended
+to every tile whose pixel centres their alpha >= 1/255 box covers, so each tile's list is
+depth-sorted. Tiles are composited in parallel. Inside a tile the loop runs Gaussian by
+Gaussian over just the pixels of its box (the torch twin evaluates whole tiles): a pixel
+stops once its transmittance would fall to 1e-4 or below, the tile once all its pixels have.
+
+The backward pass walks each tile front to back again, recomputing the transmittance (no
+division by 1 - alpha), and uses the final feature sums to get the light behind each
+Gaussian: dL/dalpha_k = sum_f g_f (feat_kf T_k - behind_kf / (1 - alpha_k)) - g_T T / (1 -
+alpha_k). Gradients land in one row per (tile, Gaussian) pair, then are summed per pair of
+(image, Gaussian) without races (one image per thread).
+
+Features per Gaussian are its D colour channels and its depth z (F = D + 1 columns of `sums`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from backend.render.cpu_project import ALPHA_MIN
+
+ALPHA_MAX = 0.99
+TRANSMITTANCE_MIN = 1e-4
+GRAD_COLUMNS = 6  # centre x, y, conic a, b, c, opacity; then the F feature columns
+
+
+@njit(cache=True, inline="always")
+def pixel_box(proj_row, x0, y0, x1, y1):  # proj_row [9] -> pixel range [lo, hi) clipped
+    col_lo = max(x0, math.ceil(proj_row[0] - proj_row[7] - 0.5))
+    col_hi = min(x1, math.floor(proj_row[0] + proj_row[7] - 0.5) + 1)
+    row_lo = max(y0, math.ceil(proj_row[1] - proj_row[8] - 0.5))
+    row_hi = min(y1, math.floor(proj_row[1] + proj_row[8] - 0.5) + 1)
+    return col_lo, col_hi, row_lo, row_hi
+
+
+@njit(cache=True, parallel=True)
+def sort_and_count(proj, valid, tile_size, tiles_x, tiles_y, width, height, order, counts,
+                   tile_counts):
+    """Per image: order [I, N] kept Gaussians by depth (counts [I] of them) and tile_counts
+    [I, tiles] pairs per tile."""
+    for i in prange(valid.shape[0]):
+        kept = np.nonzero(valid[i])[0]
+        depths = np.empty(kept.shape[0])
+        for k in range(kept.shape[0]):
+            depths[k] = proj[i, kept[k], 6]
+        ranked = kept[np.argsort(depths, kind="mergesort")]
+        num = 0
+        for k in range(ranked.shape[0]):
+            c0, c1, r0, r1 = pixel_box(proj[i, ranked[k]], 0, 0, width, height)
+            if c0 >= c1 or r0 >= r1:
+                continue  # covers no pixel centre
+            order[i, num] = ranked[k]
+            num += 1
+            for ty in range(r0 // tile_size, (r1 - 1) // tile_size + 1):
+                for tx in range(c0 // tile_size, (c1 - 1) // tile_size + 1):
+                    tile_counts[i, ty * tiles_x + tx] += 1
+        counts[i] = num
+
+
+@njit(cache=True, parallel=True)
+def fill_tiles(proj, order, counts, tile_size, tiles_x, width, height, tile_start, pairs):
+    """pairs [P]: Gaussian index per (tile, Gaussian) pair, tile after tile (tile_start
+    [I * tiles + 1] offsets), each tile's run in depth order."""
+    num_images = order.shape[0]
+    tiles = (tile_start.shape[0] - 1) // num_images
+    for i in prange(num_images):
+        cursor = tile_start[i * tiles:(i + 1) * tiles].copy()
+        for k in range(counts[i]):
+            n = order[i, k]
+            c0, c1, r0, r1 = pixel_box(proj[i, n], 0, 0, width, height)
+            for ty in range(r0 // tile_size, (r1 - 1) // tile_size + 1):
+                for tx in range(c0 // tile_size, (c1 - 1) // tile_size + 1):
+                    tile = ty * tiles_x + tx
+                    pairs[cursor[tile]] = n
+                    cursor[tile] += 1
+
+
+@njit(cache=True, inline="always")
+def tile_origin(tile, tiles_x, tiles_y, tile_size, width, height):
+    i, local = tile // (tiles_x * tiles_y), tile % (tiles_x * tiles_y)
+    x0, y0 = (local % tiles_x) * tile_size, (local // tiles_x) * tile_size
+    return i, x0, y0, min(x0 + tile_size, width), min(y0 + tile_size, height)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def composite_forward(proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
+                      tile_size, tiles_x, tiles_y, sums, transmittance, stops):
+    """Composite every tile: sums [I, H, W, F] (float64), transmittance [I, H, W] (float64)
+    and stops [I, H, W] (int32, pairs of the tile's run a pixel used) are written in place.
+
+    colors [I, N, D] with per-camera colours, else [G, N, D].
+    """
+    height, width, features = sums.shape[1:]
+    channels = features - 1
+    num_sets = colors.shape[0] if not colors_per_camera else 1
+    for tile in prange(tile_start.shape[0] - 1):
+        i, x0, y0, x1, y1 = tile_origin(tile, tiles_x, tiles_y, tile_size, width, height)
+        target = i if colors_per_camera else (i // cams_per_set if num_sets > 1 else 0)
+        first, last = tile_start[tile], tile_start[tile + 1]
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                transmittance[i, y, x] = 1.0
+                stops[i, y, x] = last - first
+                sums[i, y, x, :] = 0.0
+        active = (x1 - x0) * (y1 - y0)
+        for k in range(first, last):
+            n = pairs[k]
+            row = proj[i, n]
+            c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
+            for y in range(r0, r1):
+                dy = y + 0.5 - row[1]
+                for x in range(c0, c1):
+                    t = transmittance[i, y, x]
+                    if stops[i, y, x] < last - first:
+                        continue
+                    dx = x + 0.5 - row[0]
+                    power = 0.5 * (row[2] * dx * dx + row[4] * dy * dy) + row[3] * dx * dy
+                    alpha = row[5] * math.exp(-power)
+                    if alpha < ALPHA_MIN:
+                        continue
+                    alpha = min(alpha, ALPHA_MAX)
+                    after = t * (1.0 - alpha)
+                    if after <= TRANSMITTANCE_MIN:
+                        stops[i, y, x] = k - first
+                        active -= 1
+                        continue
+                    weight = alpha * t
+                    for ch in range(channels):
+                        sums[i, y, x, ch] += weight * colors[target, n, ch]
+                    sums[i, y, x, channels] += weight * row[6]
+                    transmittance[i, y, x] = after
+            if active == 0:
+                break
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def composite_backward(proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
+                       tile_size, tiles_x, tiles_y, sums, transmittance, stops, grad_sums,
+                       grad_transmittance, pair_grads):
+    """Gradients per (tile, Gaussian) pair: pair_grads [P, 6+F] (see GRAD_COLUMNS) from
+    grad_sums [I, H, W, F] and grad_transmittance [I, H, W], given the forward's outputs."""
+    height, width, features = sums.shape[1:]
+    channels = features - 1
+    num_sets = colors.shape[0] if not colors_per_camera else 1
+    for tile in prange(tile_start.shape[0] - 1):
+        i, x0, y0, x1, y1 = tile_origin(tile, tiles_x, tiles_y, tile_size, width, height)
+        target = i if colors_per_camera else (i // cams_per_set if num_sets > 1 else 0)
+        first = tile_start[tile]
+        local_t = np.ones(tile_size * tile_size)
+        before = np.zeros((tile_size * tile_size, features))
+        feat, grad_feat = np.empty(features), np.empty(features)
+        used = 0
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                used = max(used, stops[i, y, x])
+        for k in range(first, first + used):
+            n = pairs[k]
+            row = proj[i, n]
+            for ch in range(channels):
+                feat[ch] = colors[target, n, ch]
+            feat[channels] = row[6]
+            grad_feat[:] = 0.0
+            g_x = g_y = g_a = g_b = g_c = g_o = 0.0
+            c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
+            for y in range(r0, r1):
+                dy = y + 0.5 - row[1]
+                for x in range(c0, c1):
+                    if k - first >= stops[i, y, x]:
+                        continue
+                    dx = x + 0.5 - row[0]
+                    power = 0.5 * (row[2] * dx * dx + row[4] * dy * dy) + row[3] * dx * dy
+                    visible = row[5] * math.exp(-power)
+                    if visible < ALPHA_MIN:
+                        continue
+                    alpha = min(visible, ALPHA_MAX)
+                    p = (y - y0) * tile_size + (x - x0)
+                    t, keep = local_t[p], 1.0 - alpha
+                    weight = alpha * t
+                    d_alpha = -grad_transmittance[i, y, x] * transmittance[i, y, x] / keep
+                    for ch in range(features):
+                        g = grad_sums[i, y, x, ch]
+                        grad_feat[ch] += g * weight
+                        behind = sums[i, y, x, ch] - before[p, ch] - feat[ch] * weight
+                        d_alpha += g * (feat[ch] * t - behind / keep)
+                        before[p, ch] += feat[ch] * weight
+                    local_t[p] = t * keep
+                    if visible <= ALPHA_MAX:
+                        g_o += d_alpha * visible / row[5]
+                        d_power = -d_alpha * visible
+                        g_a += d_power * 0.5 * dx * dx
+                        g_b += d_power * dx * dy
+                        g_c += d_power * 0.5 * dy * dy
+                        g_x -= d_power * (row[2] * dx + row[3] * dy)
+                        g_y -= d_power * (row[3] * dx + row[4] * dy)
+            out = pair_grads[k]
+            out[0], out[1], out[2], out[3], out[4], out[5] = g_x, g_y, g_a, g_b, g_c, g_o
+            for ch in range(features):
+                out[GRAD_COLUMNS + ch] = grad_feat[ch]
+        pair_grads[first + used:tile_start[tile + 1]] = 0.0  # after every pixel stopped
+
+
+@njit(cache=True, parallel=True)
+def sum_pair_grads(tile_start, pairs, pair_grads, entry_grads):
+    """entry_grads [I, N, 6+F] (zeroed) += pair_grads [P, 6+F], one image per thread."""
+    num_images = entry_grads.shape[0]
+    tiles = (tile_start.shape[0] - 1) // num_images
+    for i in prange(num_images):
+        for k in range(tile_start[i * tiles], tile_start[(i + 1) * tiles]):
+            entry_grads[i, pairs[k], :] += pair_grads[k, :]
