@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +31,10 @@ from torch import Tensor
 
 from backend.cameras import scale_intrinsics
 from backend.gaussians import Gaussians, GaussianSequence
+from backend.job_params import JOB_PARAMS
 
 FRAME_CHUNK = 16  # frames converted to float at once
 NOMINAL_CAMERA_DISTANCE = 4.25  # centre of DataConfig.camera_distance's default range
-DIFFUSION_CLASS, RECON_CLASS = "VideoDiT", "ReconModel"
 
 Progress = Callable[[str, int, int, str], None]  # (stage, step, of, message)
 
@@ -126,48 +127,29 @@ def rig_frame(c2w: np.ndarray) -> RigFrame:
     return RigFrame(centre=centre, scale=NOMINAL_CAMERA_DISTANCE / distance)
 
 
-# ---------------------------------------------------------------------------- the models
-
-def find_model(model_class: str, name: str | None = None) -> tuple[str, Path]:
-    """(name, folder) of a trained model of `model_class`: the one called `name`, or the
-    first one found. PipelineError listing what there is when none fits."""
-    from backend.models import available_models
-
-    models = available_models()
-    fitting = {n: Path(m["path"]) for n, m in models.items() if m["model"] == model_class}
-    if name is not None:
-        if name not in fitting:
-            raise PipelineError(f"no {model_class} model named {name!r}; available: "
-                                f"{sorted(fitting) or 'none'}")
-        return name, fitting[name]
-    if not fitting:
-        raise PipelineError(f"no trained {model_class} model found (looked for config.json + "
-                            f"model.safetensors folders under the weights directory)")
-    first = sorted(fitting)[0]
-    return first, fitting[first]
-
-
-def load_model(model_class: str, folder: Path, device: str | torch.device):
-    """A trained model in eval mode (the diffusion model's attention is the saved "auto":
-    the merged kernel on the CPU, compiled FlexAttention on CUDA)."""
-    from backend.train.evaluate import load_model as load_trained
-
-    kind = "diffusion" if model_class == DIFFUSION_CLASS else "recon"
-    model, _ = load_trained(kind, folder, torch.device(device))
-    return model.eval()
-
-
 # ---------------------------------------------------------------------------- the steps
+
+_GENERATE = JOB_PARAMS["generate"]
+
 
 @dataclass
 class GenerateSettings:
-    steps: int = 1
-    guidance: float = 1.0
-    shift: float = 1.0
-    seed: int = 0
-    refine_steps: int = 0
-    refine_lr: float = 0.05
-    min_opacity: float = 0.0
+    """The pipeline's knobs; names, defaults and bounds are the job parameters'
+    (`backend.job_params`), declared there once."""
+
+    steps: int = _GENERATE["steps"].default
+    guidance: float = _GENERATE["guidance"].default
+    shift: float = _GENERATE["shift"].default
+    seed: int = _GENERATE["seed"].default
+    refine_steps: int = _GENERATE["refine_steps"].default
+    refine_lr: float = _GENERATE["refine_lr"].default
+    min_opacity: float = _GENERATE["min_opacity"].default
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> GenerateSettings:
+        """The settings among a job's validated parameters (others are ignored here)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
 
 
 def window_size(diffusion) -> tuple[int, int]:

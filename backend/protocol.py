@@ -35,6 +35,11 @@ SERVER_TYPES = frozenset({"welcome", "accepted", "progress", "result", "error", 
                           "done", "released"})
 MESSAGE_TYPES = CLIENT_TYPES | SERVER_TYPES
 
+# Names of the camera arrays a job carries (the wire's one definition): OpenCV camera-to-world
+# matrices [..., 4, 4], intrinsics [..., 6] (fx, fy, cx, cy, width, height) in pixels, and
+# optional near/far clipping distances [..., 2]. A rig is [V, T, ...]: views x timesteps.
+C2W, INTRINSICS, NEAR_FAR = "c2w", "intrinsics", "near_far"
+
 ALLOWED_DTYPES = frozenset({"uint8", "int32", "int64", "float16", "float32", "float64"})
 
 # Error codes a server may send (machine-readable; the message is for humans).
@@ -294,32 +299,32 @@ def validate_rig(c2w: np.ndarray, intrinsics: np.ndarray, near_far: np.ndarray |
     intr = np.asarray(intrinsics, dtype=np.float64)
     if c2w.ndim < 3 or c2w.shape[-2:] != (4, 4):
         raise ProtocolError("bad_camera", f"{prefix}c2w must have shape [..., 4, 4], got "
-                            f"{list(c2w.shape)}", prefix + "c2w")
+                            f"{list(c2w.shape)}", prefix + C2W)
     lead = c2w.shape[:-2]
     if intr.shape != (*lead, 6):
         raise ProtocolError("bad_camera", f"{prefix}intrinsics must have shape "
-                            f"{[*lead, 6]}, got {list(intr.shape)}", prefix + "intrinsics")
-    _check_finite(c2w, prefix + "c2w")
-    _check_finite(intr, prefix + "intrinsics")
+                            f"{[*lead, 6]}, got {list(intr.shape)}", prefix + INTRINSICS)
+    _check_finite(c2w, prefix + C2W)
+    _check_finite(intr, prefix + INTRINSICS)
     bottom_ok = np.abs(c2w[..., 3, :] - np.array([0.0, 0.0, 0.0, 1.0])).max(axis=-1) < 1e-5
     rot = c2w[..., :3, :3]
     ortho = np.abs(np.swapaxes(rot, -1, -2) @ rot - np.eye(3)).max(axis=(-1, -2)) < 1e-3
     det_ok = np.linalg.det(rot) > 0
-    _first_bad(bottom_ok & ortho & det_ok, prefix + "c2w",
+    _first_bad(bottom_ok & ortho & det_ok, prefix + C2W,
                "is not a rigid camera-to-world matrix (bottom row [0,0,0,1], orthonormal "
                "rotation, det +1; remove object scale before sending)")
     size_ok = ((intr[..., 0] > 0) & (intr[..., 1] > 0) & (intr[..., 4] >= 1)
                & (intr[..., 5] >= 1) & (intr[..., 4] == np.round(intr[..., 4]))
                & (intr[..., 5] == np.round(intr[..., 5])))
-    _first_bad(size_ok, prefix + "intrinsics",
+    _first_bad(size_ok, prefix + INTRINSICS,
                "needs fx, fy > 0 and a positive integer width and height")
     if near_far is not None:
         nf = np.asarray(near_far, dtype=np.float64)
         if nf.shape != (*lead, 2):
             raise ProtocolError("bad_camera", f"{prefix}near_far must have shape "
-                                f"{[*lead, 2]}, got {list(nf.shape)}", prefix + "near_far")
-        _check_finite(nf, prefix + "near_far")
-        _first_bad((nf[..., 0] > 0) & (nf[..., 1] > nf[..., 0]), prefix + "near_far",
+                                f"{[*lead, 2]}, got {list(nf.shape)}", prefix + NEAR_FAR)
+        _check_finite(nf, prefix + NEAR_FAR)
+        _first_bad((nf[..., 0] > 0) & (nf[..., 1] > nf[..., 0]), prefix + NEAR_FAR,
                    "needs 0 < near < far")
 
 

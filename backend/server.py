@@ -21,14 +21,14 @@ from typing import Any
 import zmq
 
 import backend
-from backend import generate_jobs, job_kinds, protocol  # these register the job kinds
+from backend import protocol
 from backend.cache import ResultCache
-from backend.jobs import JOB_KINDS, Job, ModelStore, Worker
+from backend.kinds import JOB_KINDS
+from backend.worker import Job, ModelStore, Worker
 
 log = logging.getLogger("backend.server")
 
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
-assert job_kinds and generate_jobs  # imported for their registrations
 
 
 @dataclass
@@ -61,21 +61,12 @@ def bind_address(address: str) -> str:
     return address
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.device = resolve_device(config.device)
+        from backend.devices import resolve_device  # torch: loaded when a server is made
+
+        self.device = str(resolve_device(config.device))
         self.cache = ResultCache(config.cache_dir)
         self.models = ModelStore()
         self.ctx = zmq.Context()
@@ -107,7 +98,8 @@ class Server:
         self.events = self.ctx.socket(zmq.PULL)
         self.events.linger = 0
         self.events.bind(self._events_addr)
-        self.worker = Worker(self.ctx, self._events_addr, self.cache, self.device, self.models)
+        self.worker = Worker(self.ctx, self._events_addr, self.cache, self.device, self.models,
+                             {name: kind.run for name, kind in JOB_KINDS.items()})
         self.worker.start()
         if cfg.ready_file is not None:
             self._write_ready_file(cfg.ready_file)
@@ -259,12 +251,13 @@ class Server:
             raise protocol.ProtocolError("unknown_kind", f"unknown job kind {kind!r} "
                                          f"(this backend has: {', '.join(sorted(JOB_KINDS))})",
                                          "kind")
-        params = protocol.require(msg, "params", dict, {})
+        job_kind = JOB_KINDS[kind]
+        params = job_kind.params.validate(msg.fields.get("params"), kind=kind)
         job_id = msg.job or uuid.uuid4().hex
         if job_id in self.jobs or self.cache.exists(job_id):
             raise protocol.ProtocolError("duplicate_job", f"job id {job_id!r} is already used",
                                          "job")
-        inputs = JOB_KINDS[kind].validate(msg)
+        inputs = job_kind.validate(msg, params)
         self.cache.create(job_id, kind, params)
         job = Job(job_id, kind, ident, params, inputs, watchers={ident})
         self.jobs[job_id] = job

@@ -13,6 +13,27 @@ from bpy.props import (
     StringProperty,
 )
 
+from .vendor.job_params import JOB_PARAMS
+
+BLENDER_INT_MAX = 2**31 - 1  # IntProperty is a signed 32-bit integer
+
+
+def job_param(kind: str, name: str) -> dict:
+    """default, min, max and description of job parameter `name` of job `kind`, from the
+    backend's schema (`backend/job_params.py`), for an Int/FloatProperty."""
+    param = JOB_PARAMS[kind][name]
+    bounds = {}
+    if param.low is not None:
+        bounds["min"] = param.low
+    if param.high is not None:
+        bounds["max"] = param.high
+    if param.type == "int":
+        bounds = {k: int(max(-BLENDER_INT_MAX, min(BLENDER_INT_MAX, v)))
+                  for k, v in bounds.items()}
+    return {"default": param.default, "description": param.doc[:1].upper() + param.doc[1:],
+            **bounds}
+
+
 RIG_SOURCES = [
     ("SELECTION", "Selected Cameras", "The selected camera objects, ordered by name"),
     ("COLLECTION", "Collection", "The cameras of a collection, ordered by name"),
@@ -43,15 +64,13 @@ class FourRealSettings(bpy.types.PropertyGroup):
     freeze_folder: StringProperty(
         name="Freeze-Time Images", subtype="DIR_PATH",
         description="Optional: one image per view at the first timestep, ordered by name")
-    seed: IntProperty(name="Seed", default=0, min=0)
-    steps: IntProperty(name="Sampling Steps", default=1, min=1, max=200,
-                       description="Denoising steps: the shipped tiny model is best at 1")
-    guidance: FloatProperty(name="Guidance", default=1.0, min=0.0, max=20.0,
-                            description="Classifier-free guidance scale (1 = off, one model "
-                            "evaluation per step)")
-    refine_steps: IntProperty(name="Refine Steps", default=0, min=0, max=5000,
-                              description="Per-scene refinement of the Gaussians against the "
-                              "generated grid (0 = off)")
+    # Job parameters: defaults, bounds and descriptions from the backend's schema
+    seed: IntProperty(name="Seed", **job_param("generate", "seed"))
+    steps: IntProperty(name="Sampling Steps", soft_max=200, **job_param("generate", "steps"))
+    guidance: FloatProperty(name="Guidance", soft_max=20.0,
+                            **job_param("generate", "guidance"))
+    refine_steps: IntProperty(name="Refine Steps", soft_max=5000,
+                              **job_param("generate", "refine_steps"))
     render_folder: StringProperty(
         name="Render Folder", subtype="DIR_PATH",
         description="Where rig renders are written (empty: a temporary folder)")

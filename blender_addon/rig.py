@@ -134,10 +134,9 @@ class Rig:
         return len(self.frames)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """float32 arrays named as a submit message carries them."""
-        return {"c2w": self.c2w.astype(np.float32),
-                "intrinsics": self.intrinsics.astype(np.float32),
-                "near_far": self.near_far.astype(np.float32)}
+        """The rig's cameras as a grid job's submit message carries them (float32)."""
+        return {protocol.C2W: self.c2w.astype(np.float32),
+                protocol.INTRINSICS: self.intrinsics.astype(np.float32)}
 
 
 def frame_list(frame_start: int, frame_end: int, frame_step: int = 1) -> list[int]:

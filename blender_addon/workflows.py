@@ -1,7 +1,7 @@
 """What the Generate and Reconstruct buttons send, and how a job's Gaussians come back in.
 
-A `generate` job carries the rig (c2w [V, T, 4, 4], intrinsics [V, T, 6], near_far [V, T, 2])
-and the first row of the grid: a fixed-view video `video` [T, H, W, 3] uint8 (or
+A `generate` job carries the rig (c2w [V, T, 4, 4], intrinsics [V, T, 6]) and the first row
+of the grid: a fixed-view video `video` [T, H, W, 3] uint8 (or
 `params.video_path` for a movie clip the backend reads), optionally a freeze-time column
 `freeze` [V, H, W, 3] uint8. A `reconstruct` job carries the rig and renders of every view
 `images` [V, T, H, W, 3] uint8. Any job kind whose results are `gaussians` (fields index,
@@ -57,15 +57,14 @@ def scene_rig(context: bpy.types.Context) -> tuple[list[bpy.types.Object], rig.R
     return cameras, rig.extract_rig(scene, cameras, *frame_range(scene, settings))
 
 
-def rig_params(scene: bpy.types.Scene, extracted: rig.Rig) -> dict[str, Any]:
-    return {"frames": extracted.frames, "camera_names": extracted.camera_names,
-            "fps": scene.render.fps / scene.render.fps_base}
+def scene_fps(scene: bpy.types.Scene) -> float:
+    return scene.render.fps / scene.render.fps_base
 
 
 def generate_request(context: bpy.types.Context) -> JobRequest:
     scene, settings = context.scene, context.scene.fourreal
     cameras, extracted = scene_rig(context)
-    params = {**rig_params(scene, extracted), "seed": settings.seed, "steps": settings.steps,
+    params = {"fps": scene_fps(scene), "seed": settings.seed, "steps": settings.steps,
               "guidance": settings.guidance, "refine_steps": settings.refine_steps}
     arrays = extracted.to_arrays()
     if settings.input_source == "CLIP":
@@ -92,7 +91,7 @@ def reconstruct_request(context: bpy.types.Context) -> JobRequest:
     arrays = extracted.to_arrays()
     arrays["images"] = inputs.render_rig(scene, cameras, extracted.frames,
                                          settings.render_folder or None)
-    params = {**rig_params(scene, extracted), "refine_steps": settings.refine_steps}
+    params = {"refine_steps": settings.refine_steps}
     return JobRequest("reconstruct", params, arrays, extracted.frames,
                       f"{scene.name} Reconstruction")
 

@@ -161,7 +161,7 @@ def test_round_trip_scene_rig_backend_import(addon, runner, tmp_path):
 
     # Reconstruction: the request the Reconstruct button sends, answered by the shipped
     # reconstruction model with one Gaussian set per timestep.
-    record = runner.submit("reconstruct", workflows.rig_params(scene, extracted),
+    record = runner.submit("reconstruct", {},
                            {**extracted.to_arrays(), "images": renders})
     pump(runner.poll, finished(record), TIMEOUT)
     assert record.state == "done", record.error_text

@@ -21,6 +21,17 @@ def addon():
     module.unregister()
 
 
+def test_job_settings_take_defaults_and_bounds_from_the_backends_schema():
+    job_params = addon_module("vendor.job_params")
+    rna = bpy.types.Scene.bl_rna.properties["fourreal"].fixed_type.bl_rna.properties
+    for name in ("seed", "steps", "guidance", "refine_steps"):
+        param, prop = job_params.JOB_PARAMS["generate"][name], rna[name]
+        high = min(param.high, 2**31 - 1) if param.type == "int" else param.high
+        assert prop.default == pytest.approx(param.default), name
+        assert (prop.hard_min, prop.hard_max) == pytest.approx((param.low, high)), name
+        assert prop.description.lower().startswith(param.doc[:20].lower()), name
+
+
 def test_add_rig_operator_creates_cameras_and_selects_the_rig():
     scene = empty_scene()
     scene.cursor.location = (1.0, 2.0, 0.0)

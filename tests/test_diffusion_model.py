@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from backend.checkpoint import count_parameters
 from backend.diffusion.config import DiffusionConfig
 from backend.diffusion.losses import (
     masked_cell_mse,
@@ -16,7 +17,6 @@ from backend.diffusion.losses import (
 )
 from backend.diffusion.model import VideoDiT, patchify, unpatchify
 from backend.diffusion.sampler import EulerSampler, SamplingCancelled
-from backend.weights import count_parameters
 
 VARIANTS = ("fused", "sequential", "parallel", "full")
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from backend import pipeline
+from backend.checkpoint import save_pretrained
 from backend.client import BackendClient
 from backend.diffusion.config import DiffusionConfig
 from backend.diffusion.model import VideoDiT
 from backend.gaussians import Gaussians, read_ply_sequence
+from backend.models import load_model
 from backend.recon import ReconConfig, ReconModel
-from backend.weights import save_pretrained
 from tests.support import random_gaussian_arrays, ring_cameras, start_backend
 
 SIZE = 16
@@ -106,7 +107,7 @@ def test_grid_preview_tiles_views_side_by_side():
 
 def test_reconstruction_follows_the_rig_to_any_scale_and_place(weights_dir):
     """Scaling and moving the rig (and nothing else) scales and moves the Gaussians."""
-    recon = pipeline.load_model(pipeline.RECON_CLASS, weights_dir / "recon-test", "cpu")
+    recon = load_model(weights_dir / "recon-test", "cpu")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(3, 2, SIZE, SIZE, 3), dtype=np.uint8)
     grid = pipeline.frames_to_tensor(images, (SIZE, SIZE))
@@ -142,16 +143,14 @@ def test_grid_windows_cover_the_grid_with_view_zero_and_an_overlapping_column():
 
 
 def test_window_size_is_the_trained_grid_within_the_rope_tables(weights_dir):
-    diffusion = pipeline.load_model(pipeline.DIFFUSION_CLASS, weights_dir / "diffusion-test",
-                                    "cpu")
+    diffusion = load_model(weights_dir / "diffusion-test", "cpu")
     assert pipeline.window_size(diffusion) == (4, 4)  # not recorded: max_views x t_max
     diffusion.config.trained_grid = (3, 2)
     assert pipeline.window_size(diffusion) == (3, 2)
 
 
 def test_a_grid_larger_than_a_window_keeps_inputs_and_fills_every_cell(weights_dir):
-    diffusion = pipeline.load_model(pipeline.DIFFUSION_CLASS, weights_dir / "diffusion-test",
-                                    "cpu")
+    diffusion = load_model(weights_dir / "diffusion-test", "cpu")
     diffusion.config.trained_grid = (3, 3)
     V, T = 5, 7
     c2w, intr = grid_rig(V, T, size=SIZE)
@@ -285,6 +284,9 @@ def test_reconstruct_job_returns_gaussians_in_world_units(client):
                         intrinsics=np.tile(a["intrinsics"][:, :1], (1, 600, 1))),
      "too_large", "exceeds the limits"),
     (lambda a: a.update(params={"min_opacity": 1.0}), "bad_field", "params.min_opacity"),
+    (lambda a: a.update(params={"guidence": 2.0}), "bad_field", "did you mean 'guidance'"),
+    (lambda a: a.update(near_far=np.ones((2, 2, 2), np.float32)), "bad_input",
+     "does not take the arrays near_far"),
 ])
 def test_generate_refuses_bad_input_with_a_clear_error(client, change, code, words):
     arrays = video_arrays(2, 2)

@@ -10,6 +10,7 @@ import torch
 from recon_scene import moving_spheres, orbit_grid, render_scene
 
 from backend.cameras import project_points
+from backend.checkpoint import count_parameters, load_pretrained, save_pretrained
 from backend.gaussians import GaussianSequence
 from backend.recon import GaussianBatch, ReconConfig, ReconModel
 from backend.recon.heads import (
@@ -20,7 +21,6 @@ from backend.recon.heads import (
     relative_to_reference,
 )
 from backend.recon.model import offset_activation
-from backend.weights import count_parameters, load_pretrained, save_pretrained
 
 SIZE = 32
 

@@ -79,7 +79,9 @@ def test_convert_round_trip_is_bit_exact(client):
     ("scaled_camera", {}, "bad_camera", "c2w"),
     ("no_cameras", {}, "bad_input", "c2w"),
     ("bad_gaussians", {}, "bad_input", "arrays"),
-    ("ok", {"near": -1}, "bad_camera", "params"),
+    ("ok", {"near": -1}, "bad_field", "params.near"),
+    ("ok", {"near": 2.0, "far": 1.0}, "bad_camera", "params.near"),
+    ("ok", {"nearr": 0.1}, "bad_field", "params.nearr"),
 ])
 def test_bad_job_input_gets_a_clear_error(client, arrays, params, code, field):
     good = render_arrays(2)

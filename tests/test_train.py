@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import backend.diffusion.attention as attention
+from backend.checkpoint import save_pretrained
 from backend.data import DataConfig, PoolConfig, make_sample
 from backend.diffusion.model import VideoDiT
 from backend.recon import ReconModel
@@ -37,8 +38,9 @@ from backend.train import (
     train_diffusion,
     train_recon,
 )
-from backend.train.__main__ import build_config, main
+from backend.train.__main__ import main
 from backend.train.common import _resume, find_resume_checkpoint, make_optimizer
+from backend.train.config_cli import build_config
 from backend.train.diffusion import build_diffusion_job, diffusion_loss
 from backend.train.evaluate import (
     frame_psnr,
@@ -48,7 +50,6 @@ from backend.train.evaluate import (
     visibility_ceiling,
 )
 from backend.train.recon import GeometryValidSamples, choose_view_split
-from backend.weights import save_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DIFFUSION = {"width": 32, "depth": 2, "num_heads": 2}
@@ -489,7 +490,7 @@ def test_export_writes_half_precision_weights_that_load(tmp_path):
     save_pretrained(tmp_path / "full", ReconModel(config), config)
     assert main(["export", "--weights", str(tmp_path / "full"), "--output",
                  str(tmp_path / "half")]) == 0
-    from backend.weights import load_pretrained
+    from backend.checkpoint import load_pretrained
 
     _model, loaded_config = load_pretrained(tmp_path / "half", ReconModel, type(config))
     assert loaded_config == config

@@ -10,9 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from backend.diffusion.config import DiffusionConfig
-from backend.diffusion.model import VideoDiT
-from backend.weights import (
+from backend.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     config_from_dict,
@@ -21,6 +19,8 @@ from backend.weights import (
     load_pretrained,
     save_pretrained,
 )
+from backend.diffusion.config import DiffusionConfig
+from backend.diffusion.model import VideoDiT
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from backend.checkpoint import config_from_dict, config_to_dict
 from backend.diffusion.rope import rope_axis_pairs
-from backend.weights import config_from_dict, config_to_dict
 
 ATTENTION_KINDS = ("fused", "sequential", "parallel", "full")
 PREDICTIONS = ("velocity", "x0")

@@ -11,12 +11,14 @@ GELU MLP. The network predicts the rectified-flow velocity `eps - z`.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from backend.checkpoint import PretrainedModel
 from backend.diffusion.attention import (
     full_attention,
     fused_view_time_attention,
@@ -221,8 +223,10 @@ def reference_frames(
     return by_view, by_time, reference, has_view | has_time
 
 
-class VideoDiT(nn.Module):
+class VideoDiT(PretrainedModel):
     """Velocity predictor for a [B, V, T, C, H, W] grid of frames; see the module docstring."""
+
+    config_class = DiffusionConfig
 
     def __init__(self, config: DiffusionConfig):
         super().__init__()
@@ -246,6 +250,15 @@ class VideoDiT(nn.Module):
         self.adaln_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.proj_out = nn.Linear(D, C * p * p)
         self.reset_parameters()
+
+    def set_attention_impl(self, impl: str) -> None:
+        """Choose the fused view-time attention kernel of every self-attention layer
+        (one of `ATTENTION_IMPLS`: "auto", "flex", "decomposed", "merged", "reference"); the
+        config records the choice, so a checkpoint saved afterwards keeps it."""
+        self.config = replace(self.config, attention_impl=impl)  # validates the name
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.impl = impl
 
     def reset_parameters(self) -> None:
         """DiT initialisation: Xavier linears, zero AdaLN gates and output projections."""

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from backend.weights import config_from_dict, config_to_dict
+from backend.checkpoint import config_from_dict, config_to_dict
 
 NUM_DENSE_LAYERS = 4
 

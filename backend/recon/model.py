@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from backend.cameras import plucker_rays, scale_intrinsics, unproject_depth
+from backend.checkpoint import PretrainedModel
 from backend.gaussians import GaussianSequence
 from backend.recon.aggregator import Aggregator
 from backend.recon.config import ReconConfig
@@ -111,8 +112,10 @@ class ReconOutput:
     intr: Tensor  # [B, V, T, 6]
 
 
-class ReconModel(nn.Module):
+class ReconModel(PretrainedModel):
     """Feed-forward reconstruction of a [B, V, T, 3, H, W] grid; see the module docstring."""
+
+    config_class = ReconConfig
 
     def __init__(self, config: ReconConfig):
         super().__init__()

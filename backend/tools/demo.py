@@ -310,7 +310,8 @@ def run(config: DemoConfig) -> dict:
                              "an empty or new folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by python -m backend.tools.demo; replaced on each run\n")
+    (out / DEMO_MARKER).write_text(
+        "written by python -m backend.tools.demo; replaced on each run\n")
     timings: dict[str, float] = {}
     started = clock = time.perf_counter()
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from backend.train.config_cli import build_config
 from backend.train.evaluate import EvalConfig, run_evaluation
 
 ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -53,8 +54,6 @@ def _final_loss(output_dir: Path) -> float | None:
 def run_ablation(name: str, base_json: str | None, sets: list[str], flags: dict[str, Any],
                  output_dir: str | Path, eval_config: EvalConfig) -> dict[str, Any]:
     """Train and evaluate every variant of ablation `name`; returns the table as a dict."""
-    from backend.train.__main__ import build_config
-
     if name not in ABLATIONS:
         raise ValueError(f"ablation: expected one of {sorted(ABLATIONS)}, got {name!r}")
     if name == "attention":

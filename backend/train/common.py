@@ -28,8 +28,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from backend.checkpoint import config_from_dict, config_to_dict, save_pretrained
 from backend.data import DataConfig, GeneratedDataset, PoolConfig, SamplePool
-from backend.weights import config_from_dict, config_to_dict, save_pretrained
+from backend.devices import resolve_device
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_MODEL_DIR = "model"
@@ -127,23 +128,12 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" is this process's CUDA device when there is one, else the CPU."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" \
-        else torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device: CUDA was requested but is not available")
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
-    return device
-
-
 def setup_distributed(device: str = "auto") -> DistributedContext:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, pick the device (`pick_device`) and
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, pick the device (`resolve_device`) and
     join the process group when there are several processes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    resolved = pick_device(device, local_rank)
+    resolved = resolve_device(device, local_rank)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():

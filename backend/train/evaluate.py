@@ -17,7 +17,7 @@ and the renders are scored against them. Held-out samples are generator indices 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from backend import models as registry
 from backend.cameras import project_points, scale_intrinsics, unproject_depth
 from backend.data import DataConfig, Sample, make_sample
-from backend.diffusion.config import DiffusionConfig
-from backend.diffusion.model import SelfAttention, VideoDiT
+from backend.devices import resolve_device
+from backend.diffusion.model import VideoDiT
 from backend.diffusion.sampler import EulerSampler
-from backend.recon import ReconConfig, ReconModel, render_gaussian_batch, ssim
-from backend.train.common import pick_device
+from backend.recon import ReconModel, render_gaussian_batch, ssim
 from backend.train.diffusion import grid_rays
-from backend.weights import load_pretrained
 
 HELD_OUT_START = 1_000_000_000
 SETTINGS = ("row_and_column", "row_only")
@@ -136,20 +135,14 @@ def scored_cells(
 
 def load_model(kind: str, weights: str | Path, device: torch.device,
                attention_impl: str | None = None) -> tuple[nn.Module, Any]:
-    """A trained model from a save_pretrained folder; `attention_impl` overrides the
-    diffusion model's attention implementation."""
-    if kind == "diffusion":
-        model, config = load_pretrained(weights, VideoDiT, DiffusionConfig, device)
-        if attention_impl is not None:
-            config = replace(config, attention_impl=attention_impl)
-            model.config = config
-            for module in model.modules():
-                if isinstance(module, SelfAttention):
-                    module.impl = attention_impl
-        return model, config
-    if kind == "recon":
-        return load_pretrained(weights, ReconModel, ReconConfig, device)
-    raise ValueError(f"model kind: expected 'diffusion' or 'recon', got {kind!r}")
+    """(model, config) of a checkpoint through the model registry; `kind` ("diffusion" or
+    "recon") must match it, `attention_impl` chooses the diffusion model's kernel."""
+    roles = {"diffusion": "diffusion", "recon": "reconstruction"}
+    if kind not in roles:
+        raise ValueError(f"model kind: expected 'diffusion' or 'recon', got {kind!r}")
+    impl = attention_impl if kind == "diffusion" else None  # the recon model has one kernel
+    model = registry.load_model(weights, device, role=roles[kind], attention_impl=impl)
+    return model, model.config
 
 
 def _stack(samples: list[Sample], name: str) -> Tensor:
@@ -362,7 +355,7 @@ def run_evaluation(kind: str, weights: str | Path, config: EvalConfig) -> dict[s
     """Evaluate one trained model; write `eval_<kind>.json` and `grid_<name>.png` files."""
     import imageio.v3 as iio
 
-    device = pick_device(config.device)
+    device = resolve_device(config.device)
     impl = config.attention_impl
     model, model_config = load_model(kind, weights, device, impl)
     extra_views = config.recon_held_out_views if kind == "recon" else 0

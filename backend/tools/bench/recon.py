@@ -23,8 +23,8 @@ import time
 import torch
 
 from backend.cameras import orbit_rig
+from backend.checkpoint import count_parameters
 from backend.recon import ReconConfig, ReconModel, refine
-from backend.weights import count_parameters
 
 PAPER_ANCHOR = {"device": "A100", "resolution": "350x518", "forward_s": {"4x4": 0.65,
                                                                         "4x16": 2.17}}

@@ -1,8 +1,9 @@
-"""Jobs: what a job kind is, the context a running job reports through, and the worker thread.
+"""Running jobs: a queued job, the context a running job reports through, the models kept
+between jobs, and the worker thread.
 
-A job kind validates its message in the server's thread (so bad input is refused before the
-job is accepted) and runs in the worker thread. It reports progress and results through its
-`JobContext`; every result is written to the cache before it is sent."""
+A job kind (`backend.kinds`) validates its message in the server's thread (so bad input is
+refused before the job is accepted) and runs in the worker thread. It reports progress and
+results through its `JobContext`; every result is written to the cache before it is sent."""
 
 from __future__ import annotations
 
@@ -19,31 +20,11 @@ import zmq
 from backend import protocol
 from backend.cache import ResultCache
 
-log = logging.getLogger("backend.jobs")
+log = logging.getLogger("backend.worker")
 
 
 class JobCancelled(Exception):
     """Raised inside a job when its client asked to cancel it."""
-
-
-@dataclass(frozen=True)
-class JobKind:
-    name: str
-    description: str
-    validate: Callable[[protocol.Message], dict[str, Any]]  # -> inputs for run; ProtocolError
-    run: Callable[[JobContext, dict[str, Any]], None]
-
-
-JOB_KINDS: dict[str, JobKind] = {}
-
-
-def register(name: str, description: str,
-             validate: Callable[[protocol.Message], dict[str, Any]]):
-    """Decorator registering `run(ctx, inputs)` as job kind `name`."""
-    def wrap(run: Callable[[JobContext, dict[str, Any]], None]):
-        JOB_KINDS[name] = JobKind(name, description, validate, run)
-        return run
-    return wrap
 
 
 @dataclass
@@ -87,6 +68,7 @@ class ModelStore:
 
 
 Emit = Callable[[str, bytes, list[Any]], None]  # (job id, tag, frames)
+JobRunner = Callable[["JobContext", dict[str, Any]], None]  # a job kind's run(ctx, inputs)
 
 
 class JobContext:
@@ -123,9 +105,10 @@ class Worker(threading.Thread):
     a PUSH socket that this thread owns, connected to `events_addr` (inproc)."""
 
     def __init__(self, zctx: zmq.Context, events_addr: str, cache: ResultCache, device: str,
-                 models: ModelStore):
+                 models: ModelStore, runners: dict[str, JobRunner]):
         super().__init__(name="backend-worker", daemon=True)
         self.cache, self.device, self.models = cache, device, models
+        self.runners = runners  # job kind -> its run(ctx, inputs)
         self._zctx, self._events_addr = zctx, events_addr
         self._sock: zmq.Socket | None = None
         self._todo: list[Job | None] = []
@@ -163,7 +146,7 @@ class Worker(threading.Thread):
         try:
             self.cache.set_state(job.id, "running")
             ctx.progress("started", 0, 1, f"{job.kind} on {self.device}")
-            JOB_KINDS[job.kind].run(ctx, job.inputs)
+            self.runners[job.kind](ctx, job.inputs)
             self.cache.set_state(job.id, "done")
             final = protocol.encode("done", job=job.id,
                                     results=self.cache.meta(job.id)["results"],

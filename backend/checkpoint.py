@@ -1,4 +1,5 @@
-"""Model weights and configs on disk: `model.safetensors` + `config.json` in one folder.
+"""Checkpoint I/O: `model.safetensors` + `config.json` in one folder, and `PretrainedModel`,
+the base of every model the backend serves (`from_pretrained`, `save_pretrained`).
 
 `config.json` holds `{"format_version": 1, "model": <class name>, "config": {...}}`, where
 the inner dict is the component's `@dataclass` config. Every problem with a folder (missing
@@ -13,7 +14,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -169,3 +170,26 @@ def load_pretrained(folder: str | Path, model_cls: type[ModelT], config_cls: typ
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, config
+
+
+class PretrainedModel(nn.Module):
+    """A model that loads and saves itself as a checkpoint folder.
+
+    Subclasses set `config_class` (their `@dataclass` config) and keep the config as
+    `self.config`; the model registry (`backend.models`) maps the class name written into
+    `config.json` back to the class.
+    """
+
+    config_class: ClassVar[type]
+    config: Any
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu"):
+        """This class rebuilt from its checkpoint `folder` on `device`, in eval mode;
+        ValueError naming the file for anything wrong with the folder."""
+        model, _config = load_pretrained(folder, cls, cls.config_class, device)
+        return model
+
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write this model and its config into `folder` (see `save_pretrained`)."""
+        return save_pretrained(folder, self, self.config, dtype=dtype)

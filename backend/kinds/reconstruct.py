@@ -1,0 +1,54 @@
+"""Job kind `reconstruct`: a full grid of images + rig -> Gaussians per timestep.
+
+Arrays: the rig (c2w [V, T, 4, 4], intrinsics [V, T, 6]) + `images` [V, T, H, W, 3] uint8.
+Results: one `gaussians` result per timestep. Parameters:
+`backend.job_params.JOB_PARAMS["reconstruct"]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backend import protocol
+from backend.kinds.base import JobKind, check_array_names
+from backend.kinds.common import (
+    RIG_ARRAYS,
+    check_frame_size,
+    grid_frames,
+    grid_rig,
+    pipeline_models,
+    progress_reporter,
+    send_gaussians,
+)
+from backend.worker import JobContext
+
+
+def validate_reconstruct(msg: protocol.Message, params: dict[str, Any]) -> dict[str, Any]:
+    check_array_names(msg, RIG_ARRAYS | {"images"}, "reconstruct")
+    rig = grid_rig(msg)
+    V, T = rig["c2w"].shape[:2]
+    images = grid_frames(msg, "images", (V, T), "one frame per view and timestep")
+    check_frame_size(images, rig["intrinsics"], "images")
+    return {**rig, "images": images, "params": params}
+
+
+def run_reconstruct(ctx: JobContext, inputs: dict[str, Any]) -> None:
+    from backend import pipeline
+
+    params = inputs["params"]
+    settings = pipeline.GenerateSettings.from_params(params)
+    models = pipeline_models(ctx, params, need_diffusion=False)
+    frame = inputs["frame"]
+    c2w_n = frame.to_normalised(inputs["c2w"])
+    size = tuple(models["reconstruction"].config.image_size)
+    grid = pipeline.frames_to_tensor(inputs["images"], size)  # [V, T, 3, h, w]
+    seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, inputs["intrinsics"],
+                                    settings, progress_reporter(ctx), ctx.job.cancel_event.is_set)
+    ctx.check_cancelled()
+    send_gaussians(ctx, seq, frame)
+    V, T = inputs["c2w"].shape[:2]
+    ctx.progress("done", 1, 1, f"{V} views x {T} timesteps")
+
+
+KIND = JobKind("reconstruct", "a full grid of images [V, T, H, W, 3] + rig -> Gaussians per "
+               "timestep", validate_reconstruct, run_reconstruct)
