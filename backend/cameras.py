@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from backend.rigs import ring_azimuths
+
 INTRINSICS_SIZE = 6
 
 
@@ -118,9 +120,7 @@ def orbit_rig(
     if num_views < 1 or radius <= 0 or focal <= 0 or width < 1 or height < 1:
         raise ValueError("orbit_rig: num_views, radius, focal, width, height must be positive")
     target = np.asarray(target, np.float64)
-    full_circle = math.isclose(arc, 2 * math.pi)
-    steps = num_views if full_circle or num_views == 1 else num_views - 1
-    angles = start_angle + arc * np.arange(num_views) / steps
+    angles = ring_azimuths(num_views, arc, start_angle)
     eyes = np.stack([radius * np.cos(angles), radius * np.sin(angles),
                      np.full(num_views, camera_height)], axis=-1) + target
     c2w = look_at_c2w(eyes, target[None])

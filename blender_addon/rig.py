@@ -29,7 +29,7 @@ import numpy as np
 from mathutils import Vector
 
 from . import animation
-from .vendor import protocol
+from .vendor import protocol, rigs
 
 SENSOR_FITS = ("AUTO", "HORIZONTAL", "VERTICAL")
 
@@ -224,12 +224,7 @@ def ring_angles(num: int, arc_degrees: float) -> np.ndarray:
     """Camera angles about the target in radians, measured from +X: a full ring spaces the
     cameras evenly starting at -Y (Blender's front view); an arc is centred on -Y with its
     first and last camera on its ends."""
-    if arc_degrees >= 360:
-        return -0.5 * np.pi + 2 * np.pi * np.arange(num) / num
-    arc = math.radians(arc_degrees)
-    if num == 1:
-        return np.array([-0.5 * np.pi])
-    return -0.5 * np.pi - arc / 2 + arc * np.arange(num) / (num - 1)
+    return rigs.centred_ring_azimuths(num, math.radians(arc_degrees), -0.5 * np.pi)
 
 
 def create_rig_preset(scene: bpy.types.Scene, config: RigPresetConfig

@@ -164,3 +164,25 @@ def test_readme_parameter_table_is_the_schema():
     assert match.group(1) == markdown_table(JOB_PARAMS), (
         "README's parameter table differs from backend/job_params.py: run "
         "`.venv/bin/python -m backend.tools.readme_params --write`")
+
+
+# -------------------------------------------------------------------------- rig layouts
+
+def test_ring_and_arc_spacing_is_one_definition():
+    import math
+
+    import numpy as np
+
+    from backend import cameras, rigs
+
+    np.testing.assert_allclose(rigs.ring_azimuths(4), np.arange(4) * math.pi / 2)
+    np.testing.assert_allclose(rigs.ring_azimuths(3, math.pi, 1.0), [1.0, 1 + math.pi / 2,
+                                                                      1 + math.pi])
+    np.testing.assert_allclose(rigs.centred_ring_azimuths(3, math.pi / 2, 0.0),
+                               [-math.pi / 4, 0.0, math.pi / 4])
+    assert rigs.centred_ring_azimuths(1, math.pi, 0.5).tolist() == [0.5]
+    c2w, _ = cameras.orbit_rig(3, radius=2.0, camera_height=0.0, arc=math.pi)
+    np.testing.assert_allclose(np.arctan2(c2w[:, 1, 3], c2w[:, 0, 3]),
+                               rigs.ring_azimuths(3, math.pi), atol=1e-12)
+    with pytest.raises(ValueError, match="at least one camera"):
+        rigs.ring_azimuths(0)

@@ -17,6 +17,7 @@ import numpy as np
 
 from backend.cameras import look_at_c2w
 from backend.data.config import RIG_KINDS, DataConfig
+from backend.rigs import ring_azimuths
 
 
 @dataclass
@@ -48,10 +49,8 @@ def _uniform(rng: np.random.Generator, bounds: tuple[float, float], size=None):
 
 
 def _ring_azimuths(rng: np.random.Generator, num_views: int, arc: float) -> np.ndarray:
-    start = rng.uniform(0, 2 * math.pi)
-    full = math.isclose(arc, 2 * math.pi)
-    steps = num_views if full or num_views == 1 else num_views - 1
-    return start + arc * np.arange(num_views) / steps
+    """A ring or arc (`backend.rigs`) starting at a random azimuth."""
+    return ring_azimuths(num_views, arc, rng.uniform(0, 2 * math.pi))
 
 
 def _arc_span(config: DataConfig, rng: np.random.Generator) -> float:
