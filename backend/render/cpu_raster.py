@@ -39,17 +39,52 @@ def pixel_box(proj_row, x0, y0, x1, y1):  # proj_row [9] -> pixel range [lo, hi)
     return col_lo, col_hi, row_lo, row_hi
 
 
+@njit(cache=True, inline="always")
+def row_span(row, dy, level, c0, c1):  # columns [lo, hi) of row dy inside the alpha ellipse
+    """The ellipse 0.5 (a dx^2 + c dy^2) + b dx dy <= level (alpha >= 1/255 where level =
+    log(255 opacity)) cut by one pixel row, widened by 1e-3 px against rounding."""
+    a, b, c = row[2], row[3], row[4]
+    disc = b * b * dy * dy - a * (c * dy * dy - 2.0 * level)
+    if disc < 0.0:
+        return c0, c0
+    half, mid = math.sqrt(disc) / a, row[0] - b * dy / a - 0.5
+    return (max(c0, math.ceil(mid - half - 1e-3)),
+            min(c1, math.floor(mid + half + 1e-3) + 1))
+
+
+@njit(cache=True)
+def radix_argsort(keys):  # keys [M] uint64 -> stable ascending order [M] (int64)
+    """LSD radix sort by 11-bit digits, skipping digits every key shares."""
+    idx, keys = np.arange(keys.shape[0]), keys.copy()
+    idx_out, keys_out = np.empty_like(idx), np.empty_like(keys)
+    counts = np.empty(2049, np.int64)
+    for shift in range(0, 64, 11):
+        counts[:] = 0
+        for j in range(keys.shape[0]):
+            counts[((keys[j] >> shift) & 2047) + 1] += 1
+        if keys.shape[0] == 0 or counts.max() == keys.shape[0]:
+            continue
+        for d in range(1, 2049):
+            counts[d] += counts[d - 1]
+        for j in range(keys.shape[0]):
+            d = (keys[j] >> shift) & 2047
+            idx_out[counts[d]], keys_out[counts[d]] = idx[j], keys[j]
+            counts[d] += 1
+        idx, idx_out, keys, keys_out = idx_out, idx, keys_out, keys
+    return idx
+
+
 @njit(cache=True, parallel=True)
 def sort_and_count(proj, valid, tile_size, tiles_x, tiles_y, width, height, order, counts,
                    tile_counts):
     """Per image: order [I, N] kept Gaussians by depth (counts [I] of them) and tile_counts
-    [I, tiles] pairs per tile."""
+    [I, tiles] pairs per tile. Depths are positive, so their IEEE bits sort like them."""
     for i in prange(valid.shape[0]):
         kept = np.nonzero(valid[i])[0]
-        depths = np.empty(kept.shape[0])
+        depths = np.empty(kept.shape[0])  # float64: float32 depths convert exactly
         for k in range(kept.shape[0]):
             depths[k] = proj[i, kept[k], 6]
-        ranked = kept[np.argsort(depths, kind="mergesort")]
+        ranked = kept[radix_argsort(depths.view(np.uint64))]
         num = 0
         for k in range(ranked.shape[0]):
             c0, c1, r0, r1 = pixel_box(proj[i, ranked[k]], 0, 0, width, height)
@@ -113,9 +148,11 @@ def composite_forward(proj, colors, cams_per_set, colors_per_camera, tile_start,
             n = pairs[k]
             row = proj[i, n]
             c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
+            level = math.log(row[5] / ALPHA_MIN)
             for y in range(r0, r1):
                 dy = y + 0.5 - row[1]
-                for x in range(c0, c1):
+                s0, s1 = row_span(row, dy, level, c0, c1)
+                for x in range(s0, s1):
                     t = transmittance[i, y, x]
                     if stops[i, y, x] < last - first:
                         continue
@@ -168,9 +205,11 @@ def composite_backward(proj, colors, cams_per_set, colors_per_camera, tile_start
             grad_feat[:] = 0.0
             g_x = g_y = g_a = g_b = g_c = g_o = 0.0
             c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
+            level = math.log(row[5] / ALPHA_MIN)
             for y in range(r0, r1):
                 dy = y + 0.5 - row[1]
-                for x in range(c0, c1):
+                s0, s1 = row_span(row, dy, level, c0, c1)
+                for x in range(s0, s1):
                     if k - first >= stops[i, y, x]:
                         continue
                     dx = x + 0.5 - row[0]

@@ -15,8 +15,11 @@ flow to means, quats, scales, opacities and colours; cameras (viewmats, Ks) get 
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -24,6 +27,14 @@ from torch import Tensor
 from backend.render import cpu_project, cpu_raster
 from backend.render.inputs import broadcast_raster_inputs
 from backend.render.torch_rasterizer import RenderOutput
+
+# numba's default OpenMP layer busy-waits between parallel loops; on a shared or busy CPU (torch
+# ops in between, other processes) each of our several loops per call then waits out a time
+# slice: 2-4x slower end to end here. The work-queue layer sleeps instead, but takes one caller
+# at a time, hence the lock. An explicit NUMBA_THREADING_LAYER wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+_KERNEL_LOCK = threading.Lock()
 
 
 @dataclass
@@ -115,7 +126,8 @@ class _CpuRasterize(torch.autograd.Function):
         arrays = {name: _numpy(t) for name, t in
                   zip(names, (means, quats, scales, opacities, colors, viewmats, Ks),
                       strict=True)}
-        state = _forward_arrays(arrays, settings)
+        with _KERNEL_LOCK:
+            state = _forward_arrays(arrays, settings)
         ctx.arrays, ctx.state, ctx.settings = arrays, state, settings
         dtype = means.dtype
         return (torch.from_numpy(state["sums"]).to(dtype),
@@ -124,9 +136,11 @@ class _CpuRasterize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sums, grad_transmittance):
         # grad_sums [I, H, W, D+1], grad_transmittance [I, H, W]
-        grads = _backward_arrays(ctx.arrays, ctx.state,
-                                 _numpy(grad_sums.to(torch.float64)),
-                                 _numpy(grad_transmittance.to(torch.float64)), ctx.settings)
+        with _KERNEL_LOCK:
+            grads = _backward_arrays(ctx.arrays, ctx.state,
+                                     _numpy(grad_sums.to(torch.float64)),
+                                     _numpy(grad_transmittance.to(torch.float64)),
+                                     ctx.settings)
         dtype = grad_sums.dtype
         return (*(torch.from_numpy(g).to(dtype) for g in grads), None, None, None)
 
