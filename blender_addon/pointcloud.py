@@ -37,12 +37,15 @@ SOURCE_OFFSET_PROP = "fourreal_source_offset"
 class PointCloudConfig:
     """How an imported asset is displayed; all of it can be changed afterwards."""
 
-    viewport_display: str = "POINTS"  # POINTS | SPLATS
+    viewport_display: str = "SPLATS"  # POINTS | SPLATS; the viewport shows what renders
     render_display: str = "SPLATS"
     viewport_ratio: float = 1.0  # fraction of Gaussians drawn in the viewport
-    sigma_extent: float = 3.0  # splat radius in standard deviations
-    splat_subdivisions: int = 1  # ico-sphere subdivisions per splat
-    transparent_bounces: int = 64  # Cycles' transparent bounce limit is raised to this
+    sigma_extent: float = 4.0  # largest proxy half-size in standard deviations
+    splat_subdivisions: int = 0  # proxy: 0 a quad facing the camera, 1-3 an ico-sphere
+    dilation: float = 0.3  # screen-space variance added to every splat, px^2 (3DGS: 0.3)
+    blend_stored_values: bool = True  # composite the stored (sRGB) values as 3DGS does
+    transparent_bounces: int = 256  # Cycles' transparent bounce limit is raised to this
+    eevee_samples: int = 64  # EEVEE's render samples are raised to this (dithered alpha)
 
     def check(self) -> None:
         for name in ("viewport_display", "render_display"):
@@ -53,9 +56,11 @@ class PointCloudConfig:
             raise ValueError(f"viewport_ratio must be in (0, 1], got {self.viewport_ratio}")
         if self.sigma_extent <= 0:
             raise ValueError(f"sigma_extent must be positive, got {self.sigma_extent}")
-        if not 1 <= self.splat_subdivisions <= 4:
-            raise ValueError("splat_subdivisions must be 1..4, got "
+        if not 0 <= self.splat_subdivisions <= 3:
+            raise ValueError("splat_subdivisions must be 0..3, got "
                              f"{self.splat_subdivisions}")
+        if self.dilation < 0:
+            raise ValueError(f"dilation must be >= 0, got {self.dilation}")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -94,27 +99,66 @@ def visibility_keys(frames: Sequence[int], index: int) -> tuple[list[int], list[
     return ordered, [keys[f] for f in ordered]
 
 
+def _single(value) -> float:
+    """A float socket's value as the float it was set from (sockets hold float32)."""
+    return float(f"{value:.7g}")
+
+
+_SETTING_INPUTS = (("viewport_ratio", "Viewport Ratio", _single),
+                   ("sigma_extent", "Sigma Extent", _single),
+                   ("splat_subdivisions", "Splat Subdivisions", int),
+                   ("dilation", "Dilation", _single),
+                   ("blend_stored_values", "Blend Stored Values", bool))
+
+
 def apply_settings(asset: bpy.types.Object, config: PointCloudConfig) -> None:
     """Write display settings into the asset's group (every timestep follows)."""
     config.check()
     settings = asset_group_of(asset).nodes["Settings"]
     settings.inputs["Viewport Splats"].default_value = config.viewport_display == "SPLATS"
     settings.inputs["Render Splats"].default_value = config.render_display == "SPLATS"
-    settings.inputs["Viewport Ratio"].default_value = config.viewport_ratio
-    settings.inputs["Sigma Extent"].default_value = config.sigma_extent
-    settings.inputs["Splat Subdivisions"].default_value = config.splat_subdivisions
+    for field_name, input_name, _ in _SETTING_INPUTS:
+        settings.inputs[input_name].default_value = getattr(config, field_name)
 
 
 def read_settings(asset: bpy.types.Object) -> PointCloudConfig:
     settings = asset_group_of(asset).nodes["Settings"]
+    values = {field_name: kind(settings.inputs[input_name].default_value)
+              for field_name, input_name, kind in _SETTING_INPUTS}
     return PointCloudConfig(
         viewport_display="SPLATS" if settings.inputs["Viewport Splats"].default_value
         else "POINTS",
         render_display="SPLATS" if settings.inputs["Render Splats"].default_value
-        else "POINTS",
-        viewport_ratio=float(settings.inputs["Viewport Ratio"].default_value),
-        sigma_extent=float(settings.inputs["Sigma Extent"].default_value),
-        splat_subdivisions=int(settings.inputs["Splat Subdivisions"].default_value))
+        else "POINTS", **values)
+
+
+def scene_settings(scene: bpy.types.Scene, config: PointCloudConfig) -> list[str]:
+    """Render settings the Gaussians need: Cycles' transparent bounces (and as many without
+    Russian roulette) and EEVEE's samples raised, and with `blend_stored_values` the Raw
+    view transform, which shows the stored colours as 3DGS does (under AgX or Standard they
+    would be tone-mapped or gamma-encoded twice). Returns a line per setting changed."""
+    changes = []
+    if scene.cycles.transparent_max_bounces < config.transparent_bounces:
+        changes.append(f"Cycles transparent bounces {scene.cycles.transparent_max_bounces} "
+                       f"-> {config.transparent_bounces}")
+        scene.cycles.transparent_max_bounces = config.transparent_bounces
+    if scene.cycles.min_transparent_bounces < config.transparent_bounces:
+        changes.append(f"Cycles minimum transparent bounces "
+                       f"{scene.cycles.min_transparent_bounces} -> {config.transparent_bounces} "
+                       "(no random path termination inside the Gaussians: less noise)")
+        scene.cycles.min_transparent_bounces = config.transparent_bounces
+    if scene.eevee.taa_render_samples < config.eevee_samples:
+        changes.append(f"EEVEE render samples {scene.eevee.taa_render_samples} -> "
+                       f"{config.eevee_samples}")
+        scene.eevee.taa_render_samples = config.eevee_samples
+    view = scene.view_settings
+    if config.blend_stored_values and (view.view_transform, view.look, view.exposure,
+                                       view.gamma) != ("Raw", "None", 0.0, 1.0):
+        changes.append(f"view transform {view.view_transform} -> Raw (the Gaussians' colours "
+                       "are shown as stored; other objects look darker than under "
+                       f"{view.view_transform})")
+        view.view_transform, view.look, view.exposure, view.gamma = "Raw", "None", 0.0, 1.0
+    return changes
 
 
 def build_asset(scene: bpy.types.Scene, name: str, steps: Sequence[Gaussians],
@@ -138,7 +182,7 @@ def build_asset(scene: bpy.types.Scene, name: str, steps: Sequence[Gaussians],
     root[ASSET_TAG] = 1
     root[SOURCE_OFFSET_PROP] = int(source_offset)
     collection.objects.link(root)
-    group = nodes.asset_group(f"{root.name} Display")
+    group = nodes.asset_group(f"{root.name} Display", scene)
     root["fourreal_group"] = group
     for t, (gaussians, frame) in enumerate(zip(steps, frames)):
         label = f"{root.name} t{t:04d}"
@@ -153,8 +197,8 @@ def build_asset(scene: bpy.types.Scene, name: str, steps: Sequence[Gaussians],
                 animation.set_keys(obj, path, key_frames, hidden, "CONSTANT",
                                    action_name=f"{label} Visibility")
     apply_settings(root, config)
-    scene.cycles.transparent_max_bounces = max(scene.cycles.transparent_max_bounces,
-                                               config.transparent_bounces)
+    group.nodes["Settings"].inputs["SH Degree"].default_value = max(g.sh_degree for g in steps)
+    root["fourreal_scene_changes"] = "; ".join(scene_settings(scene, config))
     return root
 
 

@@ -1,5 +1,6 @@
-"""Imported Gaussian assets: attribute values and point counts per frame, splat geometry,
-viewport decimation, PLY sequence round trips, and a small Cycles render."""
+"""Imported Gaussian assets: attribute values and point counts per frame, the dilation from
+the active camera, view-dependent colour, camera-facing splat quads, viewport decimation,
+render settings, PLY sequence round trips, and a small Cycles render."""
 
 from __future__ import annotations
 
@@ -17,9 +18,35 @@ gaussians_mod = addon_module("vendor.gaussians")
 Gaussians = gaussians_mod.Gaussians
 
 
-def srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    c = np.maximum(c, 0.0)
-    return np.where(c < 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+POINTS = pointcloud.PointCloudConfig(viewport_display="POINTS")
+UNDILATED = pointcloud.PointCloudConfig(viewport_display="POINTS", dilation=0.0)
+
+
+def quat_matrices(quats: np.ndarray) -> np.ndarray:
+    """[N, 3, 3] rotation matrices of quaternions (wxyz, normalised here)."""
+    w, x, y, z = (quats / np.linalg.norm(quats, axis=1, keepdims=True)).T
+    return np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                     2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                     2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+                    axis=1).reshape(-1, 3, 3)
+
+
+def sh_colors(g, direction: np.ndarray) -> np.ndarray:
+    """3DGS' view-dependent colour (gsplat's spherical_harmonics) at unit directions [N, 3]."""
+    x, y, z = direction.T
+    xx, yy, zz = x * x, y * y, z * z
+    basis = [-0.4886025119029199 * y, 0.4886025119029199 * z, -0.4886025119029199 * x,
+             1.0925484305920792 * x * y, -1.0925484305920792 * y * z,
+             0.31539156525252005 * (2 * zz - xx - yy), -1.0925484305920792 * x * z,
+             0.5462742152960396 * (xx - yy), -0.5900435899266435 * y * (3 * xx - yy),
+             2.890611442640554 * x * y * z, -0.4570457994644658 * y * (4 * zz - xx - yy),
+             0.3731763325901154 * z * (2 * zz - 3 * xx - 3 * yy),
+             -0.4570457994644658 * x * (4 * zz - xx - yy), 1.445305721320277 * z * (xx - yy),
+             -0.5900435899266435 * x * (xx - 3 * yy)]
+    color = g.colors.astype(np.float64)
+    for k in range(g.sh_rest.shape[1]):
+        color = color + basis[k][:, None] * g.sh_rest[:, k]
+    return np.maximum(color, 0.0)
 
 
 def visible_geometry(scene, frame: int):
@@ -39,6 +66,12 @@ def attribute(geometry, name: str, width: int) -> np.ndarray:
     return out.reshape(-1, width) if width > 1 else out
 
 
+def dilated_scales(geometry) -> np.ndarray:
+    """[N, 3] standard deviations as drawn: the whitening rows have length 1 / scale."""
+    rows = np.stack([attribute(geometry, f"gs_whiten_{k}", 3) for k in range(3)], axis=1)
+    return 1.0 / np.linalg.norm(rows, axis=2)
+
+
 @pytest.fixture
 def ply_folder(tmp_path):
     """Three timesteps of different sizes, with SH degree 1, numbered 0, 2 and 5."""
@@ -54,7 +87,7 @@ def ply_folder(tmp_path):
 def test_imported_sequence_shows_expected_values_per_frame(ply_folder):
     folder, seq = ply_folder
     scene = empty_scene()
-    root = plyio.import_ply_sequence(scene, folder, frame_start=10)
+    root = plyio.import_ply_sequence(scene, folder, frame_start=10, config=UNDILATED)
     assert root.name == "in" and pointcloud.is_asset(root)
     assert [o[pointcloud.FRAME_PROP] for o in pointcloud.timestep_objects(root)] == [10, 12, 15]
     # frame -> timestep shown: the first holds before the sequence, the last after it.
@@ -65,10 +98,13 @@ def test_imported_sequence_shows_expected_values_per_frame(ply_folder):
         g = seq[t]
         assert len(points.points) == len(g)
         np.testing.assert_allclose(attribute(points, "position", 3), g.means, atol=1e-6)
-        np.testing.assert_allclose(attribute(points, "gs_color", 4)[:, :3],
-                                   srgb_to_linear(g.colors), atol=2e-5)
         np.testing.assert_allclose(attribute(points, "gs_opacity", 1), g.opacities, atol=1e-5)
-        np.testing.assert_allclose(attribute(points, "gs_scale", 3), g.scales, rtol=1e-5)
+        # Without dilation the whitening rows are R[:, k] / scale[k].
+        np.testing.assert_allclose(dilated_scales(points), g.scales, rtol=1e-5)
+        rows = np.stack([attribute(points, f"gs_whiten_{k}", 3) for k in range(3)], axis=1)
+        expected = quat_matrices(g.quats).transpose(0, 2, 1) / g.scales[:, :, None]
+        np.testing.assert_allclose(rows, expected, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(attribute(points, "gs_mean", 3), g.means, atol=1e-6)
         hidden = [o.hide_render for o in pointcloud.timestep_objects(root)]
         assert hidden == [i != t for i in range(3)], "renders follow the same keys"
 
@@ -103,33 +139,86 @@ def test_moved_asset_exports_in_world_space(ply_folder, tmp_path):
         plyio.export_ply_sequence(root, tmp_path / "bad")
 
 
-def test_splats_are_ellipsoids_oriented_by_the_normalised_quaternion():
+def camera_scene(lens: float = 35.0):
+    """An empty scene with a camera at (0.3, -3, 0.2) looking along +Y (64 x 48 px)."""
     scene = empty_scene()
+    scene.render.resolution_x, scene.render.resolution_y = 64, 48
+    scene.camera = add_camera(scene, "Cam", location=(0.3, -3.0, 0.2),
+                              rotation=(math.pi / 2, 0, 0), lens=lens)
+    return scene
+
+
+def test_dilation_follows_the_active_camera_and_render_width():
+    scene = camera_scene()
+    g = Gaussians.from_arrays(gaussian_sequence_arrays(1, 50, seed=4)[0])
+    pointcloud.build_asset(scene, "Dilated", [g], [1], POINTS)
+    for percent in (100, 50):  # the driver follows the output size
+        scene.render.resolution_percentage = percent
+        (_, points), = visible_geometry(scene, 1)
+        depth = g.means[:, 1] + 3.0
+        pixel = 36.0 / 35.0 / (64 * percent / 100)  # sensor width / lens / pixels across
+        expected = np.sqrt(g.scales**2 + 0.3 * (depth * pixel)[:, None] ** 2)
+        np.testing.assert_allclose(dilated_scales(points), expected, rtol=1e-4)
+
+
+def test_view_dependent_colour_from_the_camera_direction():
+    scene = camera_scene()
+    steps = [Gaussians.from_arrays(a) for a in gaussian_sequence_arrays(1, 60, seed=8,
+                                                                        sh_rest=15)]
+    root = pointcloud.build_asset(scene, "SH", steps, [1], POINTS)
+    assert pointcloud.asset_group_of(root).nodes["Settings"].inputs["SH Degree"].default_value \
+        == 3
+    (_, points), = visible_geometry(scene, 1)
+    direction = steps[0].means - np.array([0.3, -3.0, 0.2])
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    np.testing.assert_allclose(attribute(points, "gs_color", 4)[:, :3],
+                               sh_colors(steps[0], direction), atol=1e-4)
+
+
+def test_splats_are_camera_facing_quads_bounding_each_gaussian():
+    scene = camera_scene()
     arrays = gaussian_sequence_arrays(1, 40, seed=5)[0]
     arrays["quats"] *= 3.0  # unnormalised on purpose
-    config = pointcloud.PointCloudConfig(viewport_display="SPLATS", sigma_extent=2.5)
-    pointcloud.build_asset_from_arrays(scene, "Splats", [arrays], [1], config)
+    g = Gaussians.from_arrays(arrays)
+    pointcloud.build_asset(scene, "Splats", [g], [1])
     (_, mesh), = visible_geometry(scene, 1)
-    corners = attribute(mesh, "position", 3).reshape(40, 12, 3)  # 12 vertices per ico-sphere
-    quats = arrays["quats"] / np.linalg.norm(arrays["quats"], axis=1, keepdims=True)
-    for i in range(40):
-        w, x, y, z = quats[i]
-        rot = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
-        local = (corners[i] - arrays["means"][i]) @ rot / (2.5 * np.exp(arrays["log_scales"][i]))
-        np.testing.assert_allclose(np.linalg.norm(local, axis=1), 1.0, atol=1e-4)
-    assert {"gs_color", "gs_opacity", "gs_falloff"} <= set(mesh.attributes.keys())
+    corners = attribute(mesh, "position", 3).reshape(40, 4, 3)
+    assert np.ptp(corners[:, :, 1], axis=1).max() < 1e-5, "quads face the camera (along +Y)"
+    np.testing.assert_allclose(corners.mean(axis=1), g.means, atol=1e-5)
+    scales = dilated_scales(mesh)[::4]
+    ray = g.means - np.array([0.3, -3.0, 0.2])
+    ray /= np.linalg.norm(ray, axis=1, keepdims=True)
+    covariance = np.einsum("nij,nj,nkj->nik", quat_matrices(g.quats), scales**2,
+                           quat_matrices(g.quats))
+    extent = np.minimum(np.sqrt(2 * np.log(255 * g.opacities)), 4.0)
+    for axis, index in (((1.0, 0.0, 0.0), 0), ((0.0, 0.0, 1.0), 2)):
+        a = np.array(axis) - np.outer(ray @ np.array(axis) / ray[:, 1], (0.0, 1.0, 0.0))
+        half = np.sqrt(np.einsum("ni,nij,nj->n", a, covariance, a)) * extent * 1.1
+        np.testing.assert_allclose(np.ptp(corners[:, :, index], axis=1) / 2, half, rtol=1e-4)
+    assert {"gs_color", "gs_opacity", "gs_mean", "gs_whiten_0"} <= set(mesh.attributes.keys())
     assert "gs_rotation" not in mesh.attributes, "raw attributes are dropped before realising"
-    np.testing.assert_allclose(attribute(mesh, "gs_falloff", 1), 0.5 * 2.5 ** 2, rtol=1e-6)
+
+
+def test_ico_sphere_proxies_hold_the_ellipsoid():
+    scene = camera_scene()
+    g = Gaussians.from_arrays(gaussian_sequence_arrays(1, 30, seed=9)[0])
+    config = pointcloud.PointCloudConfig(splat_subdivisions=1, sigma_extent=2.5)
+    pointcloud.build_asset(scene, "Spheres", [g], [1], config)
+    (_, mesh), = visible_geometry(scene, 1)
+    corners = attribute(mesh, "position", 3).reshape(30, 12, 3)
+    scales = dilated_scales(mesh)[::12]
+    local = np.einsum("nvi,nij->nvj", corners - g.means[:, None], quat_matrices(g.quats))
+    extent = np.minimum(np.sqrt(2 * np.log(255 * g.opacities)), 2.5)
+    radius = np.linalg.norm(local / (scales * extent[:, None])[:, None], axis=2)
+    np.testing.assert_allclose(radius, 1 / 0.7946436, rtol=1e-4)
 
 
 def test_viewport_ratio_decimates_and_settings_round_trip():
     scene = empty_scene()
     arrays = gaussian_sequence_arrays(2, 4000, seed=6)
-    root = pointcloud.build_asset_from_arrays(scene, "Dense", arrays, [1, 2])
+    root = pointcloud.build_asset_from_arrays(scene, "Dense", arrays, [1, 2], POINTS)
     settings = pointcloud.read_settings(root)
-    assert settings == pointcloud.PointCloudConfig()
+    assert settings == POINTS
     settings.viewport_ratio = 0.25
     pointcloud.apply_settings(root, settings)
     assert pointcloud.read_settings(root).viewport_ratio == pytest.approx(0.25)
@@ -164,7 +253,7 @@ def test_cycles_render_of_one_frame_is_not_empty(tmp_path):
     scene.render.engine = "CYCLES"
     scene.cycles.samples, scene.cycles.device = 4, "CPU"
     scene.render.film_transparent = True
-    scene.view_settings.view_transform = "Standard"
+    assert scene.view_settings.view_transform == "Raw", "set on import: values as stored"
     scene.render.filepath = str(tmp_path / "frame.png")
     scene.frame_set(2)
     bpy.ops.render.render(write_still=True)
