@@ -7,8 +7,9 @@ antialiasing compensation sqrt(det(T T^T) / det(cov2d)) on the opacity, and the 
 alpha >= 1/255 around the projected centre. Images are the flattened (batch, camera) pairs;
 image i reads Gaussian set `i // C` when there is one set per batch entry, else set 0.
 
-Per-entry layout (`PROJ_*` columns of `proj [I, N, 9]`): centre x, y; conic a, b, c;
-effective opacity; depth z; box half extents x, y. `valid [I, N]` marks kept pairs.
+Per-entry layout (`proj [I, N, PROJ_WIDTH]`): centre x, y; conic a, b, c; effective opacity;
+depth z; box half extents x, y; then for the compositing loops log(255 opacity) (the power at
+which alpha reaches 1/255), exp(-a) and 1/a. `valid [I, N]` marks kept pairs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from numba import njit, prange
 ALPHA_MIN = 1.0 / 255.0
 BLUR_EPS = 0.3
 FRUSTUM_MARGIN = 0.3
-PROJ_WIDTH = 9
+PROJ_WIDTH = 12
 
 
 @njit(cache=True, inline="always")
@@ -77,10 +78,10 @@ def half_covariance(a, r, s):  # a: 2x3 rows, r: 3x3 rotation, s: scales -> U = 
     return u, (u[0] * s[0], u[1] * s[1], u[2] * s[2], u[3] * s[0], u[4] * s[1], u[5] * s[2])
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def project_one(means, quats, scales, opacities, viewmats, Ks, g, n, i, width, height,
                 near, far, antialiased, out):
-    """Project Gaussian (g, n) into image i; fill `out` [9] and return whether it is kept."""
+    """Project Gaussian (g, n) into image i; fill `out` [12] and return whether it is kept."""
     x, y, z = camera_point(means, viewmats, g, n, i)
     if not (near <= z <= far):
         return False
@@ -111,24 +112,39 @@ def project_one(means, quats, scales, opacities, viewmats, Ks, g, n, i, width, h
     out[0], out[1] = mx, my
     out[2], out[3], out[4] = cov_c / det, -cov_b / det, cov_a / det
     out[5], out[6], out[7], out[8] = opacity, z, rx, ry
+    out[9], out[10], out[11] = 0.5 * extent * extent, math.exp(-out[2]), 1.0 / out[2]
     return True
+
+
+BLOCK = 256  # Gaussians per parallel work item
+
+
+@njit(cache=True)
+def _project_block(means, quats, scales, opacities, viewmats, Ks, g, i, first, last, width,
+                   height, near, far, antialiased, proj, valid):
+    for n in range(first, last):
+        valid[i, n] = project_one(means, quats, scales, opacities, viewmats, Ks, g, n, i,
+                                  width, height, near, far, antialiased, proj[i, n])
 
 
 @njit(cache=True, parallel=True)
 def project_all(means, quats, scales, opacities, viewmats, Ks, cams_per_set, width, height,
                 near, far, antialiased, proj, valid):
-    """Every (image, Gaussian) pair: proj [I, N, 9], valid [I, N] (uint8) filled in place.
+    """Every (image, Gaussian) pair: proj [I, N, 12], valid [I, N] (uint8) filled in place.
 
     means [G, N, 3], quats [G, N, 4], scales [G, N, 3], opacities [G, N], viewmats [I, 4, 4],
-    Ks [I, 3, 3]; image i uses Gaussian set i // cams_per_set when G > 1.
+    Ks [I, 3, 3]; image i uses Gaussian set i // cams_per_set when G > 1. Work items are
+    blocks of Gaussians of one image, projected by a serial (fully inlined) loop.
     """
     num_images, n_total = valid.shape
     num_sets = means.shape[0]
-    for flat in prange(num_images * n_total):
-        i, n = flat // n_total, flat % n_total
+    num_blocks = (n_total + BLOCK - 1) // BLOCK
+    for job in prange(num_images * num_blocks):
+        i, first = job // num_blocks, (job % num_blocks) * BLOCK
         g = i // cams_per_set if num_sets > 1 else 0
-        valid[i, n] = project_one(means, quats, scales, opacities, viewmats, Ks, g, n, i,
-                                  width, height, near, far, antialiased, proj[i, n])
+        _project_block(means, quats, scales, opacities, viewmats, Ks, g, i, first,
+                       min(first + BLOCK, n_total), width, height, near, far, antialiased,
+                       proj, valid)
 
 
 @njit(cache=True, inline="always")
@@ -159,7 +175,7 @@ def covariance_backward(cov_a, cov_b, cov_c, opacity, grad, antialiased):
             d_c + d_ratio * (cov_a - BLUR_EPS - ratio * cov_a), grad[5] * comp)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i, width, height,
                          antialiased, grad, d_means, d_quats, d_scales, d_opacities, scratch):
     """Add the gradients of kept pair (image i, Gaussian (g, n)) to the d_* arrays.
@@ -211,6 +227,28 @@ def project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
         d_means[g, n, k] += v[0, k] * d_x + v[1, k] * d_y + v[2, k] * d_z
 
 
+@njit(cache=True)
+def _backward_block(means, quats, scales, opacities, viewmats, Ks, g, images, first, last,
+                    width, height, antialiased, colors_per_camera, valid, entry_grads,
+                    d_means, d_quats, d_scales, d_opacities, d_colors):
+    channels = entry_grads.shape[2] - 7
+    scratch, grad = np.empty(15), np.empty(7)
+    for i in range(images[0], images[1]):
+        target = i if colors_per_camera else g
+        for n in range(first, last):
+            if not valid[i, n]:
+                continue
+            row = entry_grads[i, n]
+            for k in range(6):
+                grad[k] = row[k]
+            grad[6] = row[6 + channels]
+            project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
+                                 width, height, antialiased, grad, d_means, d_quats,
+                                 d_scales, d_opacities, scratch)
+            for ch in range(channels):
+                d_colors[target, n, ch] += row[6 + ch]
+
+
 @njit(cache=True, parallel=True)
 def project_all_backward(means, quats, scales, opacities, viewmats, Ks, cams_per_set, width,
                          height, antialiased, colors_per_camera, valid, entry_grads,
@@ -222,27 +260,15 @@ def project_all_backward(means, quats, scales, opacities, viewmats, Ks, cams_per
     Work is split by blocks of Gaussians, so every gradient row has a single writer.
     """
     num_images, n_total = valid.shape
-    num_sets, channels = means.shape[0], entry_grads.shape[2] - 7
-    block = 128
-    num_blocks = (n_total + block - 1) // block
+    num_sets = means.shape[0]
+    num_blocks = (n_total + BLOCK - 1) // BLOCK
     for job in prange(num_sets * num_blocks):
-        g, first = job // num_blocks, (job % num_blocks) * block
+        g, first = job // num_blocks, (job % num_blocks) * BLOCK
         images = (g * cams_per_set, (g + 1) * cams_per_set) if num_sets > 1 else (0, num_images)
-        scratch, grad = np.empty(15), np.empty(7)
-        for i in range(images[0], images[1]):
-            target = i if colors_per_camera else g
-            for n in range(first, min(first + block, n_total)):
-                if not valid[i, n]:
-                    continue
-                row = entry_grads[i, n]
-                for k in range(6):
-                    grad[k] = row[k]
-                grad[6] = row[6 + channels]
-                project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
-                                     width, height, antialiased, grad, d_means, d_quats,
-                                     d_scales, d_opacities, scratch)
-                for ch in range(channels):
-                    d_colors[target, n, ch] += row[6 + ch]
+        _backward_block(means, quats, scales, opacities, viewmats, Ks, g, images, first,
+                        min(first + BLOCK, n_total), width, height, antialiased,
+                        colors_per_camera, valid, entry_grads, d_means, d_quats, d_scales,
+                        d_opacities, d_colors)
 
 
 def num_threads() -> int:

@@ -1,6 +1,6 @@
 """Numba kernels: tile binning, front-to-back compositing and its backward pass.
 
-Projected pairs (`cpu_project.project_all`: proj [I, N, 9], valid [I, N]) are binned per
+Projected pairs (`cpu_project.project_all`: proj [I, N, 12], valid [I, N]) are binned per
 image: the kept Gaussians are sorted by depth (stable, so ties keep index order) and appended
 to every tile whose pixel centres their alpha >= 1/255 box covers, so each tile's list is
 depth-sorted. Tiles are composited in parallel. Inside a tile the loop runs Gaussian by
@@ -10,8 +10,9 @@ stops once its transmittance would fall to 1e-4 or below, the tile once all its 
 The backward pass walks each tile front to back again, recomputing the transmittance (no
 division by 1 - alpha), and uses the final feature sums to get the light behind each
 Gaussian: dL/dalpha_k = sum_f g_f (feat_kf T_k - behind_kf / (1 - alpha_k)) - g_T T / (1 -
-alpha_k). Gradients land in one row per (tile, Gaussian) pair, then are summed per pair of
-(image, Gaussian) without races (one image per thread).
+alpha_k), with the sums over f taken once per pixel (sum_f g_f S_f) and per Gaussian.
+Gradients land in one row per (tile, Gaussian) pair, then are summed per pair of (image,
+Gaussian) without races (one image per thread).
 
 Features per Gaussian are its D colour channels and its depth z (F = D + 1 columns of `sums`).
 """
@@ -31,7 +32,7 @@ GRAD_COLUMNS = 6  # centre x, y, conic a, b, c, opacity; then the F feature colu
 
 
 @njit(cache=True, inline="always")
-def pixel_box(proj_row, x0, y0, x1, y1):  # proj_row [9] -> pixel range [lo, hi) clipped
+def pixel_box(proj_row, x0, y0, x1, y1):  # proj_row [12] -> pixel range [lo, hi) clipped
     col_lo = max(x0, math.ceil(proj_row[0] - proj_row[7] - 0.5))
     col_hi = min(x1, math.floor(proj_row[0] + proj_row[7] - 0.5) + 1)
     row_lo = max(y0, math.ceil(proj_row[1] - proj_row[8] - 0.5))
@@ -40,14 +41,14 @@ def pixel_box(proj_row, x0, y0, x1, y1):  # proj_row [9] -> pixel range [lo, hi)
 
 
 @njit(cache=True, inline="always")
-def row_span(row, dy, level, c0, c1):  # columns [lo, hi) of row dy inside the alpha ellipse
-    """The ellipse 0.5 (a dx^2 + c dy^2) + b dx dy <= level (alpha >= 1/255 where level =
-    log(255 opacity)) cut by one pixel row, widened by 1e-3 px against rounding."""
+def row_span(row, dy, c0, c1):  # columns [lo, hi) of row dy inside the alpha ellipse
+    """The ellipse 0.5 (a dx^2 + c dy^2) + b dx dy <= log(255 opacity) (alpha >= 1/255) cut by
+    one pixel row, widened by 1e-3 px against rounding."""
     a, b, c = row[2], row[3], row[4]
-    disc = b * b * dy * dy - a * (c * dy * dy - 2.0 * level)
+    disc = b * b * dy * dy - a * (c * dy * dy - 2.0 * row[9])
     if disc < 0.0:
         return c0, c0
-    half, mid = math.sqrt(disc) / a, row[0] - b * dy / a - 0.5
+    half, mid = math.sqrt(disc) * row[11], row[0] - b * dy * row[11] - 0.5
     return (max(c0, math.ceil(mid - half - 1e-3)),
             min(c1, math.floor(mid + half + 1e-3) + 1))
 
@@ -72,6 +73,17 @@ def radix_argsort(keys):  # keys [M] uint64 -> stable ascending order [M] (int64
             counts[d] += 1
         idx, idx_out, keys, keys_out = idx_out, idx, keys_out, keys
     return idx
+
+
+@njit(cache=True, inline="always")
+def row_gaussian_start(row, dx, dy):
+    """exp(-power) at the row's first pixel and its ratio to the next pixel's: along a row the
+    power is quadratic in dx, so the Gaussian is two multiplies per pixel (g *= r, r *= exp(-a))
+    instead of an exp. The blur bounds the conic (a <= 1/0.3), so nothing under- or overflows
+    inside the ellipse."""
+    a, b = row[2], row[3]
+    power = 0.5 * (a * dx * dx + row[4] * dy * dy) + b * dx * dy
+    return math.exp(-power), math.exp(-(a * dx + 0.5 * a + b * dy))
 
 
 @njit(cache=True, parallel=True)
@@ -144,21 +156,26 @@ def composite_forward(proj, colors, cams_per_set, colors_per_camera, tile_start,
                 stops[i, y, x] = last - first
                 sums[i, y, x, :] = 0.0
         active = (x1 - x0) * (y1 - y0)
+        row_active = np.full(y1 - y0, x1 - x0)  # live pixels per row
         for k in range(first, last):
             n = pairs[k]
             row = proj[i, n]
             c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
-            level = math.log(row[5] / ALPHA_MIN)
+            decay = row[10]
             for y in range(r0, r1):
+                if row_active[y - y0] == 0:
+                    continue
                 dy = y + 0.5 - row[1]
-                s0, s1 = row_span(row, dy, level, c0, c1)
+                s0, s1 = row_span(row, dy, c0, c1)
+                g, ratio = row_gaussian_start(row, s0 + 0.5 - row[0], dy)
                 for x in range(s0, s1):
-                    t = transmittance[i, y, x]
+                    gaussian = g
+                    g *= ratio
+                    ratio *= decay
                     if stops[i, y, x] < last - first:
                         continue
-                    dx = x + 0.5 - row[0]
-                    power = 0.5 * (row[2] * dx * dx + row[4] * dy * dy) + row[3] * dx * dy
-                    alpha = row[5] * math.exp(-power)
+                    t = transmittance[i, y, x]
+                    alpha = row[5] * gaussian
                     if alpha < ALPHA_MIN:
                         continue
                     alpha = min(alpha, ALPHA_MAX)
@@ -166,6 +183,7 @@ def composite_forward(proj, colors, cams_per_set, colors_per_camera, tile_start,
                     if after <= TRANSMITTANCE_MIN:
                         stops[i, y, x] = k - first
                         active -= 1
+                        row_active[y - y0] -= 1
                         continue
                     weight = alpha * t
                     for ch in range(channels):
@@ -190,12 +208,21 @@ def composite_backward(proj, colors, cams_per_set, colors_per_camera, tile_start
         target = i if colors_per_camera else (i // cams_per_set if num_sets > 1 else 0)
         first = tile_start[tile]
         local_t = np.ones(tile_size * tile_size)
-        before = np.zeros((tile_size * tile_size, features))
-        feat, grad_feat = np.empty(features), np.empty(features)
-        used = 0
+        # per pixel: sum_f g_f S_f + g_T T (the light behind the first Gaussian, weighted by
+        # its gradient) and the running part of it in front of the current Gaussian
+        behind_all, in_front = np.zeros(tile_size * tile_size), np.zeros(tile_size * tile_size)
         for y in range(y0, y1):
             for x in range(x0, x1):
-                used = max(used, stops[i, y, x])
+                total = grad_transmittance[i, y, x] * transmittance[i, y, x]
+                for ch in range(features):
+                    total += grad_sums[i, y, x, ch] * sums[i, y, x, ch]
+                behind_all[(y - y0) * tile_size + (x - x0)] = total
+        feat, grad_feat = np.empty(features), np.empty(features)
+        row_used = np.zeros(y1 - y0, np.int64)  # pairs used by the row's longest pixel
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                row_used[y - y0] = max(row_used[y - y0], stops[i, y, x])
+        used = row_used.max() if y1 > y0 else 0
         for k in range(first, first + used):
             n = pairs[k]
             row = proj[i, n]
@@ -205,29 +232,35 @@ def composite_backward(proj, colors, cams_per_set, colors_per_camera, tile_start
             grad_feat[:] = 0.0
             g_x = g_y = g_a = g_b = g_c = g_o = 0.0
             c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
-            level = math.log(row[5] / ALPHA_MIN)
+            decay = row[10]
             for y in range(r0, r1):
+                if k - first >= row_used[y - y0]:
+                    continue
                 dy = y + 0.5 - row[1]
-                s0, s1 = row_span(row, dy, level, c0, c1)
+                s0, s1 = row_span(row, dy, c0, c1)
+                g, ratio = row_gaussian_start(row, s0 + 0.5 - row[0], dy)
                 for x in range(s0, s1):
+                    gaussian = g
+                    g *= ratio
+                    ratio *= decay
                     if k - first >= stops[i, y, x]:
                         continue
-                    dx = x + 0.5 - row[0]
-                    power = 0.5 * (row[2] * dx * dx + row[4] * dy * dy) + row[3] * dx * dy
-                    visible = row[5] * math.exp(-power)
+                    visible = row[5] * gaussian
                     if visible < ALPHA_MIN:
                         continue
+                    dx = x + 0.5 - row[0]
                     alpha = min(visible, ALPHA_MAX)
                     p = (y - y0) * tile_size + (x - x0)
                     t, keep = local_t[p], 1.0 - alpha
                     weight = alpha * t
-                    d_alpha = -grad_transmittance[i, y, x] * transmittance[i, y, x] / keep
+                    g_feat = 0.0  # sum_f g_f feat_f
                     for ch in range(features):
-                        g = grad_sums[i, y, x, ch]
-                        grad_feat[ch] += g * weight
-                        behind = sums[i, y, x, ch] - before[p, ch] - feat[ch] * weight
-                        d_alpha += g * (feat[ch] * t - behind / keep)
-                        before[p, ch] += feat[ch] * weight
+                        gs = grad_sums[i, y, x, ch]
+                        g_feat += gs * feat[ch]
+                        grad_feat[ch] += gs * weight
+                    own = g_feat * weight
+                    d_alpha = g_feat * t - (behind_all[p] - in_front[p] - own) / keep
+                    in_front[p] += own
                     local_t[p] = t * keep
                     if visible <= ALPHA_MAX:
                         g_o += d_alpha * visible / row[5]

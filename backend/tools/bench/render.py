@@ -1,12 +1,21 @@
-"""Benchmark the pure-torch Gaussian rasterizer: forward and forward+backward timings.
+"""Benchmark the CPU rasterizers side by side: the numba kernels against the torch twin.
 
-`python -m backend.tools.bench render [--json PATH] [--repeats R] [--threads T]`
+`python -m backend.tools.bench render [--json PATH] [--repeats R] [--only NAME ...]
+[--impl cpu torch] [--torch-threads T]`
+
+Per case: median wall seconds of forward and forward+backward after one warm-up call, for
+each implementation, alternating within the run so both see the same machine load; the
+speedup of the kernels over the twin; and the fraction of the floor the kernels reach, where
+the floor is the issue's estimate: 1M Gaussian-pixel evaluations per image at 80 flops each
+(forward+backward) on a 30 GFLOP/s two-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +24,15 @@ from pathlib import Path
 import torch
 
 from backend.cameras import c2w_to_viewmat, intrinsics_to_K, orbit_rig
-from backend.render.torch_rasterizer import TorchRasterizerConfig, rasterize_torch
+from backend.render.cpu_project import num_threads
+from backend.render.cpu_rasterizer import rasterize_cpu
+from backend.render.torch_rasterizer import rasterize_torch
+
+FLOOR_EVALS_PER_IMAGE = 1e6
+FLOOR_FLOPS_PER_EVAL = 80
+FLOOR_FLOPS_PER_S = 30e9
+IMPLEMENTATIONS = {"cpu": rasterize_cpu, "torch": rasterize_torch}
+GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
 
 
 @dataclass
@@ -26,7 +43,9 @@ class RenderBenchCase:
     num_views: int = 1
 
 
-CASES = (RenderBenchCase("64px_16k", 64, 16_384), RenderBenchCase("256px_100k", 256, 100_000))
+CASES = (RenderBenchCase("64px_16k", 64, 16_384), RenderBenchCase("128px_50k", 128, 50_000),
+         RenderBenchCase("256px_100k", 256, 100_000),
+         RenderBenchCase("64cams_128px_50k", 128, 50_000, num_views=64))
 
 
 def make_scene(case: RenderBenchCase, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -49,62 +68,91 @@ def make_scene(case: RenderBenchCase, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def _median_seconds(fn, repeats: int) -> tuple[float, float]:
-    """Median wall-clock and process CPU seconds of `fn` after one warm-up call."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - start_wall)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
-
-
-def time_case(case: RenderBenchCase, repeats: int, config: TorchRasterizerConfig) -> dict:
-    scene = make_scene(case)
-    gaussian_keys = ("means", "quats", "scales", "opacities", "colors")
+def _calls(case: RenderBenchCase, scene: dict[str, torch.Tensor], fn) -> dict:
+    cameras = (scene["viewmats"], scene["Ks"], case.size, case.size)
 
     def forward() -> None:
         with torch.no_grad():
-            rasterize_torch(*(scene[k] for k in gaussian_keys), scene["viewmats"], scene["Ks"],
-                            case.size, case.size, config=config)
+            fn(*(scene[k] for k in GAUSSIAN_KEYS), *cameras)
 
     def forward_backward() -> None:
-        params = [scene[k].clone().requires_grad_() for k in gaussian_keys]
-        out = rasterize_torch(*params, scene["viewmats"], scene["Ks"], case.size, case.size,
-                              config=config)
+        params = [scene[k].clone().requires_grad_() for k in GAUSSIAN_KEYS]
+        out = fn(*params, *cameras)
         (out.rgb.sum() + out.depth.mean()).backward()
 
-    forward_s, forward_cpu_s = _median_seconds(forward, repeats)
-    both_s, both_cpu_s = _median_seconds(forward_backward, repeats)
-    return {**asdict(case), "forward_s": forward_s, "forward_backward_s": both_s,
-            "forward_cpu_s": forward_cpu_s, "forward_backward_cpu_s": both_cpu_s}
+    return {"fwd_s": forward, "fwd_bwd_s": forward_backward}
+
+
+def time_case(case: RenderBenchCase, repeats: int, implementations: list[str]) -> dict:
+    """Median wall seconds per implementation and pass; calls alternate between them."""
+    scene = make_scene(case)
+    calls = {name: _calls(case, scene, IMPLEMENTATIONS[name]) for name in implementations}
+    times = {name: {key: [] for key in ("fwd_s", "fwd_bwd_s")} for name in implementations}
+    for name in implementations:  # warm-up: compilation, caches, allocator
+        for call in calls[name].values():
+            call()
+    for _ in range(repeats):
+        for name in implementations:
+            for key, call in calls[name].items():
+                start = time.perf_counter()
+                call()
+                times[name][key].append(time.perf_counter() - start)
+    row = {**asdict(case)}
+    for name in implementations:
+        for key, values in times[name].items():
+            row[f"{name}_{key}"] = statistics.median(values)
+    floor_s = (case.num_views * FLOOR_EVALS_PER_IMAGE * FLOOR_FLOPS_PER_EVAL
+               / FLOOR_FLOPS_PER_S)
+    row["floor_s"] = floor_s
+    if "cpu" in implementations:
+        row["cpu_fraction_of_floor"] = floor_s / row["cpu_fwd_bwd_s"]
+    if {"cpu", "torch"} <= set(implementations):
+        row["speedup_fwd_vs_torch"] = row["torch_fwd_s"] / row["cpu_fwd_s"]
+        row["speedup_fwd_bwd_vs_torch"] = row["torch_fwd_bwd_s"] / row["cpu_fwd_bwd_s"]
+    return row
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"{'case':<18} {'impl':<6} {'fwd s':>9} {'fwd+bwd s':>10} {'speedup':>9} "
+          f"{'floor':>7}")
+    for row in rows:
+        for name in IMPLEMENTATIONS:
+            if f"{name}_fwd_s" not in row:
+                continue
+            speedup = row.get("speedup_fwd_bwd_vs_torch") if name == "cpu" else None
+            fraction = row.get("cpu_fraction_of_floor") if name == "cpu" else None
+            print(f"{row['name']:<18} {name:<6} {row[f'{name}_fwd_s']:>9.4f} "
+                  f"{row[f'{name}_fwd_bwd_s']:>10.4f} "
+                  f"{'' if speedup is None else f'{speedup:.1f}x':>9} "
+                  f"{'' if fraction is None else f'{fraction:.0%}':>7}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench render", description=__doc__)
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--tile-size", type=int, default=TorchRasterizerConfig.tile_size)
-    parser.add_argument("--chunk-size", type=int, default=TorchRasterizerConfig.chunk_size)
-    parser.add_argument("--no-checkpoint", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=[c.name for c in CASES],
+                        help="run only these cases")
+    parser.add_argument("--impl", nargs="+", choices=list(IMPLEMENTATIONS),
+                        default=list(IMPLEMENTATIONS), help="implementations to time")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads (the twin's fastest setting on a shared 2-core "
+                             "machine; 0 keeps torch's default)")
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    config = TorchRasterizerConfig(tile_size=args.tile_size, chunk_size=args.chunk_size,
-                                   checkpoint=not args.no_checkpoint)
-    rows = [time_case(case, args.repeats, config) for case in CASES]
-    print(f"torch rasterizer, {torch.get_num_threads()} threads, {config}")
-    print("median wall seconds (process CPU seconds in brackets)")
-    print(f"{'case':<12} {'pixels':>9} {'gaussians':>10} {'forward':>16} {'fwd+bwd':>16}")
-    for row in rows:
-        print(f"{row['name']:<12} {row['size']}x{row['size']:<6} {row['num_gaussians']:>10} "
-              f"{row['forward_s']:>7.3f} ({row['forward_cpu_s']:>6.3f}) "
-              f"{row['forward_backward_s']:>7.3f} ({row['forward_backward_cpu_s']:>6.3f})")
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    cases = [c for c in CASES if not args.only or c.name in args.only]
+    rows = []
+    for case in cases:
+        rows.append(time_case(case, args.repeats, args.impl))
+        _print_table(rows[-1:])
+    load = os.getloadavg()
+    machine = {"cpu_count": os.cpu_count(), "numba_threads": num_threads(),
+               "torch_threads": torch.get_num_threads(), "load_average": load,
+               "processor": platform.processor() or platform.machine()}
+    print(f"machine: {machine}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": "cpu", "threads": torch.get_num_threads(),
-                                         "config": asdict(config), "cases": rows}, indent=2))
+        args.json.write_text(json.dumps({"device": "cpu", "machine": machine,
+                                         "repeats": args.repeats, "cases": rows}, indent=2))
     return 0
