@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,8 @@ class _PlyElement:
 
 def _parse_ply_header(data: bytes) -> tuple[str, list[_PlyElement], int]:
     """Format, elements and the byte offset where the body starts."""
+    if not data:
+        raise ValueError("PLY: the file is empty")
     if not data.startswith(b"ply"):
         raise ValueError("PLY: missing 'ply' magic at the start of the file")
     end = data.find(b"end_header")
@@ -273,6 +276,11 @@ def _read_vertex_table(data: bytes) -> dict[str, np.ndarray]:
         rows = lines[skip:skip + vertex.count]
         if len(rows) < vertex.count:
             raise ValueError(f"PLY: truncated, {len(rows)} of {vertex.count} vertex lines")
+        after = sum(e.count for e in elements[names.index("vertex") + 1:])
+        extra = sum(1 for line in lines[skip + vertex.count:] if line.strip()) - after
+        if extra > 0:
+            raise ValueError(f"PLY: header 'element vertex {vertex.count}' is smaller than the "
+                             f"data: {extra} more lines follow")
         width = len(vertex.properties)
         try:
             table = np.array([row.split()[:width] for row in rows], dtype=np.float64)
@@ -290,8 +298,25 @@ def _read_vertex_table(data: bytes) -> dict[str, np.ndarray]:
     if len(data) - offset < needed:
         raise ValueError(
             f"PLY: truncated, vertex data needs {needed} bytes, found {max(len(data) - offset, 0)}")
+    _check_no_extra_vertices(data, elements, names.index("vertex"), offset + needed, fmt)
     table = np.frombuffer(data, dtype=dtype, count=vertex.count, offset=offset)
     return {name: table[name] for name in dtype.names}
+
+
+def _check_no_extra_vertices(data: bytes, elements: list[_PlyElement], index: int, end: int,
+                             fmt: str) -> None:
+    """A binary file longer than its header says (after the vertices and any fixed-size
+    elements behind them) most likely has a vertex count that is too small."""
+    after = elements[index + 1:]
+    if any(e.has_list for e in after):
+        return
+    end += sum(e.count * np.dtype([(p, fmt + t) for p, t in e.properties]).itemsize
+               for e in after)
+    if len(data) > end:
+        size = np.dtype([(p, fmt + t) for p, t in elements[index].properties]).itemsize
+        raise ValueError(
+            f"PLY: header 'element vertex {elements[index].count}' is smaller than the data: "
+            f"{len(data) - end} more bytes follow ({(len(data) - end) / size:g} vertices)")
 
 
 def _column_block(table: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
@@ -313,6 +338,7 @@ def read_ply_bytes(data: bytes) -> Gaussians:
     if rest_ids:
         rest = _column_block(table, [f"f_rest_{i}" for i in rest_ids])
         sh_rest = rest.reshape(n, 3, -1).transpose(0, 2, 1)
+    _check_plausible(table)
     return Gaussians(
         means=_column_block(table, ["x", "y", "z"]),
         quats=_column_block(table, ["rot_0", "rot_1", "rot_2", "rot_3"]),
@@ -321,6 +347,29 @@ def read_ply_bytes(data: bytes) -> Gaussians:
         sh0=_column_block(table, ["f_dc_0", "f_dc_1", "f_dc_2"]),
         sh_rest=sh_rest,
     )
+
+
+# Values outside these bounds are not 3DGS parameters (a log-scale of 20 is a standard
+# deviation of 5e8): such a file was written by another convention or is damaged.
+PLAUSIBLE_RANGES = {"scale": (-30.0, 20.0), "opacity": (-100.0, 100.0), "f_dc": (-1e4, 1e4),
+                    "f_rest": (-1e4, 1e4), "rot": (-np.inf, np.inf), "x": (-1e7, 1e7),
+                    "y": (-1e7, 1e7), "z": (-1e7, 1e7)}
+
+
+def _check_plausible(table: dict[str, np.ndarray]) -> None:
+    """Raise naming the first property (and vertex) holding a non-finite or absurd value."""
+    for name, column in table.items():
+        prefix = re.sub(r"_\d+$", "", name)
+        if prefix not in PLAUSIBLE_RANGES:
+            continue
+        low, high = PLAUSIBLE_RANGES[prefix]
+        values = column.astype(np.float64)
+        bad = ~np.isfinite(values) | (values < low) | (values > high)
+        if bad.any():
+            i = int(np.argmax(bad))
+            limits = f" (expected {low:g}..{high:g})" if np.isfinite(high) else ""
+            raise ValueError(f"PLY: property '{name}' of vertex {i} is {values[i]:g}{limits}; "
+                             f"{int(bad.sum())} vertices hold such values")
 
 
 def read_ply(path: str | Path) -> Gaussians:
@@ -396,5 +445,9 @@ def read_ply_sequence(folder_or_paths: str | Path | Sequence[str | Path]) -> Gau
     if not paths:
         raise ValueError(f"PLY sequence: no .ply files in {folder_or_paths}")
     paths.sort(key=lambda p: (_frame_number(p), p.name))
+    for first, second in pairwise(paths):
+        if _frame_number(first) == _frame_number(second):
+            raise ValueError(f"PLY sequence: {first.name} and {second.name} have the same "
+                             f"frame number {_frame_number(first)}")
     return GaussianSequence(frames=[read_ply(p) for p in paths],
                             frame_numbers=[_frame_number(p) for p in paths])

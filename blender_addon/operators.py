@@ -171,7 +171,8 @@ class FOURREAL_OT_reconstruct(_SubmitBase, bpy.types.Operator):
 
 
 class FOURREAL_OT_import_ply(bpy.types.Operator, ImportHelper):
-    """Import a 3DGS PLY sequence (one file per frame) as an animated Gaussian asset"""
+    """Import a 3DGS PLY file, or a sequence (one file per frame) as an animated Gaussian
+    asset"""
 
     bl_idname = "fourreal.import_ply_sequence"
     bl_label = "Import 3DGS PLY Sequence"
@@ -195,6 +196,9 @@ class FOURREAL_OT_import_ply(bpy.types.Operator, ImportHelper):
         except (ValueError, OSError) as exc:
             return _fail(self, exc)
         self.report({"INFO"}, f"imported {len(pointcloud.timestep_objects(root))} timesteps")
+        if root.get("fourreal_scene_changes"):
+            self.report({"WARNING"}, "render settings changed for the Gaussians: "
+                        f"{root['fourreal_scene_changes']}")
         return {"FINISHED"}
 
 

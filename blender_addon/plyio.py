@@ -2,29 +2,63 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import bpy
 
 from . import pointcloud
-from .vendor.gaussians import read_ply_sequence, write_ply_sequence
+from .vendor.gaussians import (
+    GaussianSequence,
+    read_ply,
+    read_ply_sequence,
+    write_ply_sequence,
+)
+
+
+def _ply_paths(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The PLY files named by a file, a folder or a list of files."""
+    if isinstance(source, (str, Path)):
+        source = Path(source)
+        if source.is_file():
+            return [source]
+        if not source.is_dir():
+            raise ValueError(f"{source} is neither a PLY file nor a folder")
+        paths = sorted(source.glob("*.ply"))
+    else:
+        paths = [Path(p) for p in source]
+    if not paths:
+        raise ValueError(f"no .ply files in {source}")
+    return paths
+
+
+def read_gaussians(source: str | Path | Sequence[str | Path]) -> GaussianSequence:
+    """One PLY file without a frame number in its name (`point_cloud.ply`) is a static asset
+    at frame 0; several files are a sequence numbered by the last number in each name."""
+    paths = _ply_paths(source)
+    if len(paths) == 1 and not re.search(r"\d", paths[0].stem):
+        return GaussianSequence([read_ply(paths[0])], [0])
+    return read_ply_sequence(paths)
 
 
 def import_ply_sequence(scene: bpy.types.Scene, source: str | Path | Sequence[str | Path],
                         name: str | None = None, frame_start: int | None = None,
                         config: pointcloud.PointCloudConfig | None = None
                         ) -> bpy.types.Object:
-    """Import a folder of PLY files (or a list of files) as an animated asset. The first
+    """Import a folder of PLY files, a list of files or one file as an asset. The first
     file's frame lands on `frame_start` (default: the scene's start frame); the others keep
-    their spacing, so frame_0000, frame_0002 -> scene frames 1, 3. Returns the asset root."""
-    sequence = read_ply_sequence(source)
+    their spacing, so frame_0000, frame_0002 -> scene frames 1, 3. Every file is read and
+    checked before the scene is touched. Returns the asset root."""
+    sequence = read_gaussians(source)
     numbers = list(sequence.frame_numbers)
     order = sorted(range(len(numbers)), key=numbers.__getitem__)
     start = scene.frame_start if frame_start is None else int(frame_start)
     offset = start - numbers[order[0]]
     if name is None:
         first = Path(source) if isinstance(source, (str, Path)) else Path(source[0]).parent
+        if len(sequence) == 1 and first.is_dir() and len(_ply_paths(first)) == 1:
+            first = _ply_paths(first)[0]
         name = first.stem or "Gaussians"
     return pointcloud.build_asset(
         scene, name, [sequence.frames[i] for i in order], [numbers[i] + offset for i in order],

@@ -97,9 +97,11 @@ def reconstruct_request(context: bpy.types.Context) -> JobRequest:
 
 
 def display_config(settings) -> pointcloud.PointCloudConfig:
+    """Import defaults from the scene's add-on settings (the proxy, its extent and the
+    dilation keep their defaults and are edited on the asset's 'Settings' node)."""
     return pointcloud.PointCloudConfig(
         viewport_display=settings.viewport_display, render_display=settings.render_display,
-        viewport_ratio=settings.viewport_ratio, sigma_extent=settings.sigma_extent)
+        viewport_ratio=settings.viewport_ratio)
 
 
 def scene_frames(result_frames: Sequence[int], timestep_frames: Sequence[int]) -> list[int]:
@@ -125,19 +127,30 @@ def import_results(scene: bpy.types.Scene, record: JobRecord, name: str,
     return root
 
 
+def finish_import(record: JobRecord, scene_name: str, asset_name: str,
+                  config: pointcloud.PointCloudConfig | None = None) -> bpy.types.Object | None:
+    """What a finished job does (from the polling timer): import its Gaussians into the
+    scene, drop the received messages (the asset holds the data now) and push an undo step,
+    so Ctrl+Z removes the import and not the user's edit before it."""
+    target = bpy.data.scenes.get(scene_name)
+    if record.state != "done" or target is None:
+        return None
+    root = import_results(target, record, asset_name, config)
+    if root is not None:
+        record.context["imported"] = len(record.results)
+        record.results.clear()
+        if bpy.ops.ed.undo_push.poll():
+            bpy.ops.ed.undo_push(message=f"Import {root.name}")
+    return root
+
+
 def submit_and_import(runner: JobRunner, scene: bpy.types.Scene, request: JobRequest,
                       config: pointcloud.PointCloudConfig | None = None) -> JobRecord:
-    """Submit a request; when it is done its Gaussians are imported into `scene` and the
-    received messages are dropped (the asset holds the data now)."""
+    """Submit a request; when it is done its Gaussians are imported into `scene`."""
     scene_name, asset_name = scene.name, request.name
 
     def on_finish(record: JobRecord) -> None:
-        target = bpy.data.scenes.get(scene_name)
-        if record.state != "done" or target is None:
-            return
-        if import_results(target, record, asset_name, config) is not None:
-            record.context["imported"] = len(record.results)
-            record.results.clear()
+        finish_import(record, scene_name, asset_name, config)
 
     context = {**request.context, "frames": request.frames, "scene": scene_name}
     return runner.submit(request.kind, request.params, request.arrays, context, on_finish)
