@@ -70,12 +70,13 @@ def weighted_loss(out: RenderOutput, seed: int) -> torch.Tensor:
     return (stacked * weights).sum()
 
 
-def run_both(scene, viewmats, Ks, width, height, **kwargs):
+def run_both(scene, viewmats, Ks, width, height, cpu_config=None, **kwargs):
     """Outputs and gradients of the CPU kernels and of the twin on the same inputs."""
     results = {}
     for name, fn in (("cpu", rasterize_cpu), ("torch", rasterize_torch)):
         params = {k: v.clone().requires_grad_() for k, v in scene.items()}
-        out = fn(*(params[k] for k in NAMES), viewmats, Ks, width, height, **kwargs)
+        extra = {"config": cpu_config} if name == "cpu" and cpu_config else {}
+        out = fn(*(params[k] for k in NAMES), viewmats, Ks, width, height, **kwargs, **extra)
         weighted_loss(out, seed=99).backward()
         results[name] = (out, {k: params[k].grad for k in NAMES})
     return results
@@ -138,7 +139,8 @@ def test_features_per_camera_colors_and_tile_sizes():
 
 
 @pytest.mark.parametrize("layout", ["own_cameras", "shared_gaussians", "shared_cameras"])
-def test_timesteps_and_cameras_in_one_call(layout):
+@pytest.mark.parametrize("grads_by_image", [False, True])
+def test_timesteps_and_cameras_in_one_call(layout, grads_by_image):
     T, C, width, height = 3, 2, 26, 19
     sets = [edge_case_scene(seed=10 + t) for t in range(T)]
     scene = {k: torch.stack([s[k] for s in sets]) for k in NAMES}  # [T, N, ...]
@@ -151,8 +153,10 @@ def test_timesteps_and_cameras_in_one_call(layout):
         scene = {k: v[0] for k, v in scene.items()}
     if layout == "shared_cameras":
         viewmats, Ks = viewmats[0], Ks[0]
-    results = run_both(scene, viewmats, Ks, width, height, background=torch.rand(
-        T, C, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    background = torch.rand(T, C, 3, generator=torch.Generator().manual_seed(5),
+                            dtype=torch.float64)
+    results = run_both(scene, viewmats, Ks, width, height, background=background,
+                       cpu_config=CpuRasterizerConfig(grads_by_image=grads_by_image))
     assert results["cpu"][0].rgb.shape == (T, C, height, width, 3)
     assert_parity(results)
     # one camera of one timestep, rendered alone, is the same image

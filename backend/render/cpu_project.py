@@ -177,11 +177,10 @@ def covariance_backward(cov_a, cov_b, cov_c, opacity, grad, antialiased):
 
 @njit(cache=True, inline="always")
 def project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i, width, height,
-                         antialiased, grad, d_means, d_quats, d_scales, d_opacities, scratch):
+                         antialiased, grad, d_means, d_quats, d_scales, d_opacities):
     """Add the gradients of kept pair (image i, Gaussian (g, n)) to the d_* arrays.
 
-    grad [7]: dL/d(centre x, centre y, conic a, b, c, effective opacity, depth z);
-    scratch [15] float64 work space.
+    grad [7]: dL/d(centre x, centre y, conic a, b, c, effective opacity, depth z).
     """
     x, y, z = camera_point(means, viewmats, g, n, i)
     tan_x, tan_y, free_x, free_y = clamped_tangents(x, y, z, Ks, i, width, height)
@@ -196,20 +195,25 @@ def project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
     d_a, d_b, d_c, d_opacity = covariance_backward(
         cov_a, cov_b, cov_c, opacities[g, n], grad, antialiased)
     d_opacities[g, n] += d_opacity
-    gr, ga = scratch[:9], scratch[9:15]
-    ga[:] = 0.0
-    for j in range(3):
-        dt0, dt1 = 2 * d_a * t[j] + d_b * t[3 + j], 2 * d_c * t[3 + j] + d_b * t[j]
-        d_scales[g, n, j] += dt0 * u[j] + dt1 * u[3 + j]
-        du0, du1 = dt0 * s[j], dt1 * s[j]
-        for k in range(3):
-            gr[k * 3 + j] = a[k] * du0 + a[3 + k] * du1
-            ga[k] += du0 * r[k * 3 + j]
-            ga[3 + k] += du1 * r[k * 3 + j]
+    # T = U diag(s) with U = A Rq; cov_a = |T0|^2, cov_b = T0.T1, cov_c = |T1|^2 (+ blur)
+    dt = (2 * d_a * t[0] + d_b * t[3], 2 * d_a * t[1] + d_b * t[4], 2 * d_a * t[2] + d_b * t[5],
+          2 * d_c * t[3] + d_b * t[0], 2 * d_c * t[4] + d_b * t[1], 2 * d_c * t[5] + d_b * t[2])
+    d_scales[g, n, 0] += dt[0] * u[0] + dt[3] * u[3]
+    d_scales[g, n, 1] += dt[1] * u[1] + dt[4] * u[4]
+    d_scales[g, n, 2] += dt[2] * u[2] + dt[5] * u[5]
+    du = (dt[0] * s[0], dt[1] * s[1], dt[2] * s[2], dt[3] * s[0], dt[4] * s[1], dt[5] * s[2])
+    gr = (a[0] * du[0] + a[3] * du[3], a[0] * du[1] + a[3] * du[4], a[0] * du[2] + a[3] * du[5],
+          a[1] * du[0] + a[4] * du[3], a[1] * du[1] + a[4] * du[4], a[1] * du[2] + a[4] * du[5],
+          a[2] * du[0] + a[5] * du[3], a[2] * du[1] + a[5] * du[4], a[2] * du[2] + a[5] * du[5])
+    ga = (du[0] * r[0] + du[1] * r[1] + du[2] * r[2], du[0] * r[3] + du[1] * r[4] + du[2] * r[5],
+          du[0] * r[6] + du[1] * r[7] + du[2] * r[8], du[3] * r[0] + du[4] * r[1] + du[5] * r[2],
+          du[3] * r[3] + du[4] * r[4] + du[5] * r[5], du[3] * r[6] + du[4] * r[7] + du[5] * r[8])
     dq = rotation_backward(qw, qx, qy, qz, gr)
     dot = qw * dq[0] + qx * dq[1] + qy * dq[2] + qz * dq[3]
-    for k, qk in enumerate((qw, qx, qy, qz)):
-        d_quats[g, n, k] += (dq[k] - qk * dot) * inv_norm
+    d_quats[g, n, 0] += (dq[0] - qw * dot) * inv_norm
+    d_quats[g, n, 1] += (dq[1] - qx * dot) * inv_norm
+    d_quats[g, n, 2] += (dq[2] - qy * dot) * inv_norm
+    d_quats[g, n, 3] += (dq[3] - qz * dot) * inv_norm
     v, fx, fy = viewmats[i], Ks[i, 0, 0], Ks[i, 1, 1]
     d_z = grad[6] - (ga[0] * a[0] + ga[1] * a[1] + ga[2] * a[2]
                      + ga[3] * a[3] + ga[4] * a[4] + ga[5] * a[5]) / z
@@ -232,7 +236,7 @@ def _backward_block(means, quats, scales, opacities, viewmats, Ks, g, images, fi
                     width, height, antialiased, colors_per_camera, valid, entry_grads,
                     d_means, d_quats, d_scales, d_opacities, d_colors):
     channels = entry_grads.shape[2] - 7
-    scratch, grad = np.empty(15), np.empty(7)
+    grad = np.empty(7)
     for i in range(images[0], images[1]):
         target = i if colors_per_camera else g
         for n in range(first, last):
@@ -244,7 +248,7 @@ def _backward_block(means, quats, scales, opacities, viewmats, Ks, g, images, fi
             grad[6] = row[6 + channels]
             project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
                                  width, height, antialiased, grad, d_means, d_quats,
-                                 d_scales, d_opacities, scratch)
+                                 d_scales, d_opacities)
             for ch in range(channels):
                 d_colors[target, n, ch] += row[6 + ch]
 

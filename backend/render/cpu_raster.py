@@ -194,87 +194,120 @@ def composite_forward(proj, colors, cams_per_set, colors_per_camera, tile_start,
                 break
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def composite_backward(proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
-                       tile_size, tiles_x, tiles_y, sums, transmittance, stops, grad_sums,
-                       grad_transmittance, pair_grads):
-    """Gradients per (tile, Gaussian) pair: pair_grads [P, 6+F] (see GRAD_COLUMNS) from
-    grad_sums [I, H, W, F] and grad_transmittance [I, H, W], given the forward's outputs."""
+@njit(cache=True, fastmath=True)
+def _backward_tile_state(i, x0, y0, x1, y1, tile_size, sums, transmittance, stops, grad_sums,
+                         grad_transmittance):
+    """Per pixel of a tile: sum_f g_f S_f + g_T T, the gradient-weighted light behind the first
+    Gaussian; per row: the most pairs any of its pixels used."""
+    behind_all = np.zeros(tile_size * tile_size)
+    row_used = np.zeros(y1 - y0, np.int64)
+    for y in range(y0, y1):
+        for x in range(x0, x1):
+            total = grad_transmittance[i, y, x] * transmittance[i, y, x]
+            for ch in range(sums.shape[3]):
+                total += grad_sums[i, y, x, ch] * sums[i, y, x, ch]
+            behind_all[(y - y0) * tile_size + (x - x0)] = total
+            row_used[y - y0] = max(row_used[y - y0], stops[i, y, x])
+    return behind_all, row_used
+
+
+@njit(cache=True, fastmath=True)
+def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
+                  tile_size, tiles_x, tiles_y, sums, transmittance, stops, grad_sums,
+                  grad_transmittance, out, by_entry):
+    """Add one tile's gradients (see GRAD_COLUMNS) to out: row (0, k) per pair k of the run,
+    or with `by_entry` row (i, n) per Gaussian n of image i."""
     height, width, features = sums.shape[1:]
     channels = features - 1
     num_sets = colors.shape[0] if not colors_per_camera else 1
-    for tile in prange(tile_start.shape[0] - 1):
-        i, x0, y0, x1, y1 = tile_origin(tile, tiles_x, tiles_y, tile_size, width, height)
-        target = i if colors_per_camera else (i // cams_per_set if num_sets > 1 else 0)
-        first = tile_start[tile]
-        local_t = np.ones(tile_size * tile_size)
-        # per pixel: sum_f g_f S_f + g_T T (the light behind the first Gaussian, weighted by
-        # its gradient) and the running part of it in front of the current Gaussian
-        behind_all, in_front = np.zeros(tile_size * tile_size), np.zeros(tile_size * tile_size)
-        for y in range(y0, y1):
-            for x in range(x0, x1):
-                total = grad_transmittance[i, y, x] * transmittance[i, y, x]
-                for ch in range(features):
-                    total += grad_sums[i, y, x, ch] * sums[i, y, x, ch]
-                behind_all[(y - y0) * tile_size + (x - x0)] = total
-        feat, grad_feat = np.empty(features), np.empty(features)
-        row_used = np.zeros(y1 - y0, np.int64)  # pairs used by the row's longest pixel
-        for y in range(y0, y1):
-            for x in range(x0, x1):
-                row_used[y - y0] = max(row_used[y - y0], stops[i, y, x])
-        used = row_used.max() if y1 > y0 else 0
-        for k in range(first, first + used):
-            n = pairs[k]
-            row = proj[i, n]
-            for ch in range(channels):
-                feat[ch] = colors[target, n, ch]
-            feat[channels] = row[6]
-            grad_feat[:] = 0.0
-            g_x = g_y = g_a = g_b = g_c = g_o = 0.0
-            c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
-            decay = row[10]
-            for y in range(r0, r1):
-                if k - first >= row_used[y - y0]:
+    i, x0, y0, x1, y1 = tile_origin(tile, tiles_x, tiles_y, tile_size, width, height)
+    target = i if colors_per_camera else (i // cams_per_set if num_sets > 1 else 0)
+    first = tile_start[tile]
+    local_t = np.ones(tile_size * tile_size)
+    behind_all, row_used = _backward_tile_state(i, x0, y0, x1, y1, tile_size, sums,
+                                                transmittance, stops, grad_sums,
+                                                grad_transmittance)
+    in_front = np.zeros(tile_size * tile_size)  # behind_all's part in front of the Gaussian
+    feat, grad_feat = np.empty(features), np.empty(features)
+    used = row_used.max() if y1 > y0 else 0
+    for k in range(first, first + used):
+        n = pairs[k]
+        row = proj[i, n]
+        for ch in range(channels):
+            feat[ch] = colors[target, n, ch]
+        feat[channels] = row[6]
+        grad_feat[:] = 0.0
+        g_x = g_y = g_a = g_b = g_c = g_o = 0.0
+        c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
+        decay = row[10]
+        for y in range(r0, r1):
+            if k - first >= row_used[y - y0]:
+                continue
+            dy = y + 0.5 - row[1]
+            s0, s1 = row_span(row, dy, c0, c1)
+            g, ratio = row_gaussian_start(row, s0 + 0.5 - row[0], dy)
+            for x in range(s0, s1):
+                gaussian = g
+                g *= ratio
+                ratio *= decay
+                if k - first >= stops[i, y, x]:
                     continue
-                dy = y + 0.5 - row[1]
-                s0, s1 = row_span(row, dy, c0, c1)
-                g, ratio = row_gaussian_start(row, s0 + 0.5 - row[0], dy)
-                for x in range(s0, s1):
-                    gaussian = g
-                    g *= ratio
-                    ratio *= decay
-                    if k - first >= stops[i, y, x]:
-                        continue
-                    visible = row[5] * gaussian
-                    if visible < ALPHA_MIN:
-                        continue
-                    dx = x + 0.5 - row[0]
-                    alpha = min(visible, ALPHA_MAX)
-                    p = (y - y0) * tile_size + (x - x0)
-                    t, keep = local_t[p], 1.0 - alpha
-                    weight = alpha * t
-                    g_feat = 0.0  # sum_f g_f feat_f
-                    for ch in range(features):
-                        gs = grad_sums[i, y, x, ch]
-                        g_feat += gs * feat[ch]
-                        grad_feat[ch] += gs * weight
-                    own = g_feat * weight
-                    d_alpha = g_feat * t - (behind_all[p] - in_front[p] - own) / keep
-                    in_front[p] += own
-                    local_t[p] = t * keep
-                    if visible <= ALPHA_MAX:
-                        g_o += d_alpha * visible / row[5]
-                        d_power = -d_alpha * visible
-                        g_a += d_power * 0.5 * dx * dx
-                        g_b += d_power * dx * dy
-                        g_c += d_power * 0.5 * dy * dy
-                        g_x -= d_power * (row[2] * dx + row[3] * dy)
-                        g_y -= d_power * (row[3] * dx + row[4] * dy)
-            out = pair_grads[k]
-            out[0], out[1], out[2], out[3], out[4], out[5] = g_x, g_y, g_a, g_b, g_c, g_o
-            for ch in range(features):
-                out[GRAD_COLUMNS + ch] = grad_feat[ch]
-        pair_grads[first + used:tile_start[tile + 1]] = 0.0  # after every pixel stopped
+                visible = row[5] * gaussian
+                if visible < ALPHA_MIN:
+                    continue
+                dx = x + 0.5 - row[0]
+                alpha = min(visible, ALPHA_MAX)
+                p = (y - y0) * tile_size + (x - x0)
+                t, keep = local_t[p], 1.0 - alpha
+                weight = alpha * t
+                g_feat = 0.0  # sum_f g_f feat_f
+                for ch in range(features):
+                    gs = grad_sums[i, y, x, ch]
+                    g_feat += gs * feat[ch]
+                    grad_feat[ch] += gs * weight
+                own = g_feat * weight
+                d_alpha = g_feat * t - (behind_all[p] - in_front[p] - own) / keep
+                in_front[p] += own
+                local_t[p] = t * keep
+                if visible <= ALPHA_MAX:
+                    g_o += d_alpha * visible / row[5]
+                    d_power = -d_alpha * visible
+                    g_a += d_power * 0.5 * dx * dx
+                    g_b += d_power * dx * dy
+                    g_c += d_power * 0.5 * dy * dy
+                    g_x -= d_power * (row[2] * dx + row[3] * dy)
+                    g_y -= d_power * (row[3] * dx + row[4] * dy)
+        dest = out[i, n] if by_entry else out[0, k]
+        dest[0] += g_x
+        dest[1] += g_y
+        dest[2] += g_a
+        dest[3] += g_b
+        dest[4] += g_c
+        dest[5] += g_o
+        for ch in range(features):
+            dest[GRAD_COLUMNS + ch] += grad_feat[ch]
+
+
+@njit(cache=True, parallel=True)
+def composite_backward(proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
+                       tile_size, tiles_x, tiles_y, sums, transmittance, stops, grad_sums,
+                       grad_transmittance, out, by_entry):
+    """Gradients from grad_sums [I, H, W, F] and grad_transmittance [I, H, W], given the
+    forward's outputs, added to out (zeroed): with `by_entry`, out [I, N, 6+F] per (image,
+    Gaussian) and one image per thread (no races; for calls with many images); else out
+    [1, P, 6+F] per (tile, Gaussian) pair and one tile per thread (then `sum_pair_grads`)."""
+    num_tiles = tile_start.shape[0] - 1
+    args = (proj, colors, cams_per_set, colors_per_camera, tile_start, pairs, tile_size,
+            tiles_x, tiles_y, sums, transmittance, stops, grad_sums, grad_transmittance, out,
+            by_entry)
+    if by_entry:
+        tiles = num_tiles // sums.shape[0]
+        for i in prange(sums.shape[0]):
+            for tile in range(i * tiles, (i + 1) * tiles):
+                backward_tile(tile, *args)
+    else:
+        for tile in prange(num_tiles):
+            backward_tile(tile, *args)
 
 
 @njit(cache=True, parallel=True)

@@ -40,6 +40,10 @@ _KERNEL_LOCK = threading.Lock()
 @dataclass
 class CpuRasterizerConfig:
     tile_size: int = 16  # pixels per tile side
+    # backward: accumulate per (image, Gaussian) with one image per thread (True), or per
+    # (tile, Gaussian) pair with one tile per thread and a summing pass (False); None picks
+    # by the number of images (at least 4 per thread: per image)
+    grads_by_image: bool | None = None
 
 
 @dataclass
@@ -52,6 +56,7 @@ class _Settings:
     antialiased: bool
     colors_per_camera: bool
     tile_size: int
+    grads_by_image: bool | None
 
     def tiles(self) -> tuple[int, int]:
         return -(-self.width // self.tile_size), -(-self.height // self.tile_size)
@@ -98,13 +103,18 @@ def _backward_arrays(arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]
     """Gradients (float64) for means, quats, scales, opacities and colours."""
     tiles_x, tiles_y = s.tiles()
     dtype, features = arrays["means"].dtype, state["sums"].shape[-1]
-    pair_grads = np.empty((state["pairs"].shape[0], cpu_raster.GRAD_COLUMNS + features), dtype)
+    columns = cpu_raster.GRAD_COLUMNS + features
+    entry_grads = np.zeros((*state["valid"].shape, columns), dtype)
+    by_entry = s.grads_by_image
+    if by_entry is None:
+        by_entry = entry_grads.shape[0] >= 4 * cpu_project.num_threads()
+    out = entry_grads if by_entry else np.zeros((1, state["pairs"].shape[0], columns), dtype)
     cpu_raster.composite_backward(
         state["proj"], arrays["colors"], s.cams_per_set, s.colors_per_camera,
         state["tile_start"], state["pairs"], s.tile_size, tiles_x, tiles_y, state["sums"],
-        state["transmittance"], state["stops"], grad_sums, grad_transmittance, pair_grads)
-    entry_grads = np.zeros((*state["valid"].shape, pair_grads.shape[1]), dtype)
-    cpu_raster.sum_pair_grads(state["tile_start"], state["pairs"], pair_grads, entry_grads)
+        state["transmittance"], state["stops"], grad_sums, grad_transmittance, out, by_entry)
+    if not by_entry:
+        cpu_raster.sum_pair_grads(state["tile_start"], state["pairs"], out[0], entry_grads)
     grads = [np.zeros(arrays[name].shape) for name in
              ("means", "quats", "scales", "opacities", "colors")]
     cpu_project.project_all_backward(
@@ -175,7 +185,7 @@ def rasterize_cpu(
     channels = batch.colors.shape[-1]
     settings = _Settings(num_cams, int(width), int(height), float(near), float(far),
                          rasterize_mode == "antialiased", batch.colors_per_camera,
-                         config.tile_size)
+                         config.tile_size, config.grads_by_image)
     colors = batch.colors.reshape(-1, *batch.colors.shape[-2:])  # [G or I, N, D]
     sums, transmittance = _CpuRasterize.apply(
         batch.means, batch.quats, batch.scales, batch.opacities, colors,
