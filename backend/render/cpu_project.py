@@ -235,22 +235,23 @@ def project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
 def _backward_block(means, quats, scales, opacities, viewmats, Ks, g, images, first, last,
                     width, height, antialiased, colors_per_camera, valid, entry_grads,
                     d_means, d_quats, d_scales, d_opacities, d_colors):
-    channels = entry_grads.shape[2] - 7
+    channels = entry_grads.shape[3] - 7
     grad = np.empty(7)
     for i in range(images[0], images[1]):
         target = i if colors_per_camera else g
         for n in range(first, last):
             if not valid[i, n]:
                 continue
-            row = entry_grads[i, n]
-            for k in range(6):
-                grad[k] = row[k]
-            grad[6] = row[6 + channels]
+            for k in range(7):  # summing the partial sums (one per thread, or just one)
+                grad[k] = 0.0
+                for slot in range(entry_grads.shape[0]):
+                    grad[k] += entry_grads[slot, i, n, k if k < 6 else 6 + channels]
             project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
                                  width, height, antialiased, grad, d_means, d_quats,
                                  d_scales, d_opacities)
             for ch in range(channels):
-                d_colors[target, n, ch] += row[6 + ch]
+                for slot in range(entry_grads.shape[0]):
+                    d_colors[target, n, ch] += entry_grads[slot, i, n, 6 + ch]
 
 
 @njit(cache=True, parallel=True)
@@ -259,8 +260,9 @@ def project_all_backward(means, quats, scales, opacities, viewmats, Ks, cams_per
                          d_means, d_quats, d_scales, d_opacities, d_colors):
     """Gradients of every kept pair into the Gaussians' d_* arrays (float64, zeroed).
 
-    entry_grads [I, N, 6+D+1]: dL/d(centre x, y, conic a, b, c, effective opacity, D colour
-    channels, depth z) per pair; d_colors [I, N, D] with per-camera colours, else [G, N, D].
+    entry_grads [S, I, N, 6+D+1]: dL/d(centre x, y, conic a, b, c, effective opacity, D colour
+    channels, depth z) per pair, in S partial sums; d_colors [I, N, D] with per-camera
+    colours, else [G, N, D].
     Work is split by blocks of Gaussians, so every gradient row has a single writer.
     """
     num_images, n_total = valid.shape

@@ -11,8 +11,8 @@ The backward pass walks each tile front to back again, recomputing the transmitt
 division by 1 - alpha), and uses the final feature sums to get the light behind each
 Gaussian: dL/dalpha_k = sum_f g_f (feat_kf T_k - behind_kf / (1 - alpha_k)) - g_T T / (1 -
 alpha_k), with the sums over f taken once per pixel (sum_f g_f S_f) and per Gaussian.
-Gradients land in one row per (tile, Gaussian) pair, then are summed per pair of (image,
-Gaussian) without races (one image per thread).
+Gradients land in rows per (image, Gaussian), without races: one image per thread when a
+call has many images, else one tile per thread and a set of rows per thread.
 
 Features per Gaussian are its D colour channels and its depth z (F = D + 1 columns of `sums`).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -215,8 +216,8 @@ def _backward_tile_state(i, x0, y0, x1, y1, tile_size, sums, transmittance, stop
 def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
                   tile_size, tiles_x, tiles_y, sums, transmittance, stops, grad_sums,
                   grad_transmittance, out, by_entry):
-    """Add one tile's gradients (see GRAD_COLUMNS) to out: row (0, k) per pair k of the run,
-    or with `by_entry` row (i, n) per Gaussian n of image i."""
+    """Add one tile's gradients (see GRAD_COLUMNS) for Gaussian n of image i to out[s, i, n],
+    s = 0 with `by_entry` (one thread per image), else the calling thread's id."""
     height, width, features = sums.shape[1:]
     channels = features - 1
     num_sets = colors.shape[0] if not colors_per_camera else 1
@@ -277,7 +278,7 @@ def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_star
                     g_c += d_power * 0.5 * dy * dy
                     g_x -= d_power * (row[2] * dx + row[3] * dy)
                     g_y -= d_power * (row[3] * dx + row[4] * dy)
-        dest = out[i, n] if by_entry else out[0, k]
+        dest = out[0 if by_entry else numba.get_thread_id(), i, n]
         dest[0] += g_x
         dest[1] += g_y
         dest[2] += g_a
@@ -293,9 +294,9 @@ def composite_backward(proj, colors, cams_per_set, colors_per_camera, tile_start
                        tile_size, tiles_x, tiles_y, sums, transmittance, stops, grad_sums,
                        grad_transmittance, out, by_entry):
     """Gradients from grad_sums [I, H, W, F] and grad_transmittance [I, H, W], given the
-    forward's outputs, added to out (zeroed): with `by_entry`, out [I, N, 6+F] per (image,
-    Gaussian) and one image per thread (no races; for calls with many images); else out
-    [1, P, 6+F] per (tile, Gaussian) pair and one tile per thread (then `sum_pair_grads`)."""
+    forward's outputs, added to out [S, I, N, 6+F] (zeroed), which the caller sums over S:
+    with `by_entry` one image per thread and S = 1 (for calls with many images), else one tile
+    per thread and a slot per thread (S = number of threads), so no two threads share a row."""
     num_tiles = tile_start.shape[0] - 1
     args = (proj, colors, cams_per_set, colors_per_camera, tile_start, pairs, tile_size,
             tiles_x, tiles_y, sums, transmittance, stops, grad_sums, grad_transmittance, out,
@@ -308,13 +309,3 @@ def composite_backward(proj, colors, cams_per_set, colors_per_camera, tile_start
     else:
         for tile in prange(num_tiles):
             backward_tile(tile, *args)
-
-
-@njit(cache=True, parallel=True)
-def sum_pair_grads(tile_start, pairs, pair_grads, entry_grads):
-    """entry_grads [I, N, 6+F] (zeroed) += pair_grads [P, 6+F], one image per thread."""
-    num_images = entry_grads.shape[0]
-    tiles = (tile_start.shape[0] - 1) // num_images
-    for i in prange(num_images):
-        for k in range(tile_start[i * tiles], tile_start[(i + 1) * tiles]):
-            entry_grads[i, pairs[k], :] += pair_grads[k, :]

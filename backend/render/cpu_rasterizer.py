@@ -40,9 +40,8 @@ _KERNEL_LOCK = threading.Lock()
 @dataclass
 class CpuRasterizerConfig:
     tile_size: int = 16  # pixels per tile side
-    # backward: accumulate per (image, Gaussian) with one image per thread (True), or per
-    # (tile, Gaussian) pair with one tile per thread and a summing pass (False); None picks
-    # by the number of images (at least 4 per thread: per image)
+    # backward: one image per thread (True) or one tile per thread with per-thread gradient
+    # rows (False); None picks by the number of images (at least 4 per thread: per image)
     grads_by_image: bool | None = None
 
 
@@ -103,18 +102,17 @@ def _backward_arrays(arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]
     """Gradients (float64) for means, quats, scales, opacities and colours."""
     tiles_x, tiles_y = s.tiles()
     dtype, features = arrays["means"].dtype, state["sums"].shape[-1]
-    columns = cpu_raster.GRAD_COLUMNS + features
-    entry_grads = np.zeros((*state["valid"].shape, columns), dtype)
     by_entry = s.grads_by_image
     if by_entry is None:
-        by_entry = entry_grads.shape[0] >= 4 * cpu_project.num_threads()
-    out = entry_grads if by_entry else np.zeros((1, state["pairs"].shape[0], columns), dtype)
+        by_entry = state["valid"].shape[0] >= 4 * cpu_project.num_threads()
+    slots = 1 if by_entry else cpu_project.num_threads()
+    entry_grads = np.zeros((slots, *state["valid"].shape, cpu_raster.GRAD_COLUMNS + features),
+                           dtype)
     cpu_raster.composite_backward(
         state["proj"], arrays["colors"], s.cams_per_set, s.colors_per_camera,
         state["tile_start"], state["pairs"], s.tile_size, tiles_x, tiles_y, state["sums"],
-        state["transmittance"], state["stops"], grad_sums, grad_transmittance, out, by_entry)
-    if not by_entry:
-        cpu_raster.sum_pair_grads(state["tile_start"], state["pairs"], out[0], entry_grads)
+        state["transmittance"], state["stops"], grad_sums, grad_transmittance, entry_grads,
+        by_entry)
     grads = [np.zeros(arrays[name].shape) for name in
              ("means", "quats", "scales", "opacities", "colors")]
     cpu_project.project_all_backward(
