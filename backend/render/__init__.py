@@ -3,21 +3,40 @@ pure-torch reference twin they are tested against."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from backend.cameras import c2w_to_viewmat, intrinsics_to_K
 from backend.gaussians import Gaussians
-from backend.render.cpu_rasterizer import CpuRasterizerConfig, rasterize_cpu
 from backend.render.inputs import RASTERIZE_MODES
 from backend.render.torch_rasterizer import RenderOutput, TorchRasterizerConfig, rasterize_torch
 
 BACKENDS = ("auto", "cpu", "torch", "gsplat")
 
-__all__ = ["BACKENDS", "RASTERIZE_MODES", "CpuRasterizerConfig", "RenderOutput",
-           "TorchRasterizerConfig", "rasterize", "rasterize_cpu", "rasterize_gaussians",
-           "rasterize_torch"]
+__all__ = ["BACKENDS", "RASTERIZE_MODES", "RenderOutput", "TorchRasterizerConfig",
+           "cpu_kernels_available", "rasterize", "rasterize_gaussians", "rasterize_torch"]
+
+
+@functools.cache
+def cpu_kernels_available() -> bool:
+    """Whether numba imports here (wheels exist for the usual platforms; without it "auto"
+    falls back to the torch twin on the CPU)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def __getattr__(name: str):  # the CPU kernels load numba only when asked for
+    if name in ("CpuRasterizerConfig", "rasterize_cpu"):
+        from backend.render import cpu_rasterizer
+
+        return getattr(cpu_rasterizer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def rasterize(
@@ -42,14 +61,14 @@ def rasterize(
     so T timesteps' Gaussians [T, N, 3] render into their cameras [T, C, 4, 4] in one call.
 
     "auto" uses gsplat for CUDA tensors, else the numba CPU kernels, or the torch twin when
-    gradients for the cameras are needed (the CPU kernels give none).
+    gradients for the cameras are needed (the CPU kernels give none) or numba is missing.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         camera_grads = torch.is_grad_enabled() and (viewmats.requires_grad or Ks.requires_grad)
         backend = ("gsplat" if means.device.type == "cuda"
-                   else "torch" if camera_grads else "cpu")
+                   else "torch" if camera_grads or not cpu_kernels_available() else "cpu")
     args = (means, quats, scales, opacities, colors, viewmats, Ks, width, height, near, far,
             background)
     if backend == "gsplat":
@@ -57,6 +76,8 @@ def rasterize(
 
         return rasterize_gsplat(*args, rasterize_mode=rasterize_mode, packed=packed)
     if backend == "cpu":
+        from backend.render.cpu_rasterizer import rasterize_cpu
+
         return rasterize_cpu(*args, rasterize_mode=rasterize_mode)
     return rasterize_torch(*args, rasterize_mode=rasterize_mode)
 

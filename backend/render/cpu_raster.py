@@ -136,7 +136,78 @@ def tile_origin(tile, tiles_x, tiles_y, tile_size, width, height):
     return i, x0, y0, min(x0 + tile_size, width), min(y0 + tile_size, height)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, fastmath=True)
+def _pair_forward(row, feat, rank, x0, y0, x1, y1, tile_size, local_t, local_sums, local_stop,
+                  row_active):
+    """Composite one Gaussian (proj row, features feat [F]) at place `rank` of a tile's run
+    into the tile's per-pixel state; returns how many pixels it stopped."""
+    stopped = 0
+    c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
+    for y in range(r0, r1):
+        if row_active[y - y0] == 0:
+            continue
+        dy = y + 0.5 - row[1]
+        s0, s1 = row_span(row, dy, c0, c1)
+        g, ratio = row_gaussian_start(row, s0 + 0.5 - row[0], dy)
+        for x in range(s0, s1):
+            gaussian = g
+            g *= ratio
+            ratio *= row[10]
+            p = (y - y0) * tile_size + (x - x0)
+            if local_stop[p] >= 0:
+                continue
+            alpha = row[5] * gaussian
+            if alpha < ALPHA_MIN:
+                continue
+            alpha = min(alpha, ALPHA_MAX)
+            t = local_t[p]
+            after = t * (1.0 - alpha)
+            if after <= TRANSMITTANCE_MIN:
+                local_stop[p] = rank
+                row_active[y - y0] -= 1
+                stopped += 1
+                continue
+            weight = alpha * t
+            for ch in range(feat.shape[0]):
+                local_sums[p, ch] += weight * feat[ch]
+            local_t[p] = after
+    return stopped
+
+
+@njit(cache=True, fastmath=True)
+def forward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
+                 tile_size, tiles_x, tiles_y, sums, transmittance, stops):
+    """Composite one tile front to back in tile-local state, then write its pixels."""
+    height, width, features = sums.shape[1:]
+    num_sets = colors.shape[0] if not colors_per_camera else 1
+    i, x0, y0, x1, y1 = tile_origin(tile, tiles_x, tiles_y, tile_size, width, height)
+    target = i if colors_per_camera else (i // cams_per_set if num_sets > 1 else 0)
+    first, last = tile_start[tile], tile_start[tile + 1]
+    local_t = np.ones(tile_size * tile_size)
+    local_sums = np.zeros((tile_size * tile_size, features))
+    local_stop = np.full(tile_size * tile_size, -1, np.int64)  # -1: still compositing
+    row_active = np.full(y1 - y0, x1 - x0)  # live pixels per row
+    active = (x1 - x0) * (y1 - y0)
+    feat = np.empty(features)
+    for k in range(first, last):
+        n = pairs[k]
+        row = proj[i, n]
+        for ch in range(features - 1):
+            feat[ch] = colors[target, n, ch]
+        feat[features - 1] = row[6]
+        active -= _pair_forward(row, feat, k - first, x0, y0, x1, y1, tile_size, local_t,
+                                local_sums, local_stop, row_active)
+        if active == 0:
+            break
+    for y in range(y0, y1):
+        for x in range(x0, x1):
+            p = (y - y0) * tile_size + (x - x0)
+            transmittance[i, y, x] = local_t[p]
+            stops[i, y, x] = local_stop[p] if local_stop[p] >= 0 else last - first
+            sums[i, y, x, :] = local_sums[p]
+
+
+@njit(cache=True, parallel=True)
 def composite_forward(proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
                       tile_size, tiles_x, tiles_y, sums, transmittance, stops):
     """Composite every tile: sums [I, H, W, F] (float64), transmittance [I, H, W] (float64)
@@ -144,55 +215,9 @@ def composite_forward(proj, colors, cams_per_set, colors_per_camera, tile_start,
 
     colors [I, N, D] with per-camera colours, else [G, N, D].
     """
-    height, width, features = sums.shape[1:]
-    channels = features - 1
-    num_sets = colors.shape[0] if not colors_per_camera else 1
     for tile in prange(tile_start.shape[0] - 1):
-        i, x0, y0, x1, y1 = tile_origin(tile, tiles_x, tiles_y, tile_size, width, height)
-        target = i if colors_per_camera else (i // cams_per_set if num_sets > 1 else 0)
-        first, last = tile_start[tile], tile_start[tile + 1]
-        for y in range(y0, y1):
-            for x in range(x0, x1):
-                transmittance[i, y, x] = 1.0
-                stops[i, y, x] = last - first
-                sums[i, y, x, :] = 0.0
-        active = (x1 - x0) * (y1 - y0)
-        row_active = np.full(y1 - y0, x1 - x0)  # live pixels per row
-        for k in range(first, last):
-            n = pairs[k]
-            row = proj[i, n]
-            c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
-            decay = row[10]
-            for y in range(r0, r1):
-                if row_active[y - y0] == 0:
-                    continue
-                dy = y + 0.5 - row[1]
-                s0, s1 = row_span(row, dy, c0, c1)
-                g, ratio = row_gaussian_start(row, s0 + 0.5 - row[0], dy)
-                for x in range(s0, s1):
-                    gaussian = g
-                    g *= ratio
-                    ratio *= decay
-                    if stops[i, y, x] < last - first:
-                        continue
-                    t = transmittance[i, y, x]
-                    alpha = row[5] * gaussian
-                    if alpha < ALPHA_MIN:
-                        continue
-                    alpha = min(alpha, ALPHA_MAX)
-                    after = t * (1.0 - alpha)
-                    if after <= TRANSMITTANCE_MIN:
-                        stops[i, y, x] = k - first
-                        active -= 1
-                        row_active[y - y0] -= 1
-                        continue
-                    weight = alpha * t
-                    for ch in range(channels):
-                        sums[i, y, x, ch] += weight * colors[target, n, ch]
-                    sums[i, y, x, channels] += weight * row[6]
-                    transmittance[i, y, x] = after
-            if active == 0:
-                break
+        forward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
+                     tile_size, tiles_x, tiles_y, sums, transmittance, stops)
 
 
 @njit(cache=True, fastmath=True)
@@ -213,6 +238,53 @@ def _backward_tile_state(i, x0, y0, x1, y1, tile_size, sums, transmittance, stop
 
 
 @njit(cache=True, fastmath=True)
+def _pair_backward(row, feat, rank, i, x0, y0, x1, y1, tile_size, stops, row_used, local_t,
+                   behind_all, in_front, grad_sums, acc):
+    """One Gaussian (proj row, features feat [F]) at place `rank` of a tile's run: advance the
+    tile's per-pixel state and write its gradients (see GRAD_COLUMNS) to acc [6+F]."""
+    features = feat.shape[0]
+    acc[:] = 0.0
+    c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
+    for y in range(r0, r1):
+        if rank >= row_used[y - y0]:
+            continue
+        dy = y + 0.5 - row[1]
+        s0, s1 = row_span(row, dy, c0, c1)
+        g, ratio = row_gaussian_start(row, s0 + 0.5 - row[0], dy)
+        for x in range(s0, s1):
+            gaussian = g
+            g *= ratio
+            ratio *= row[10]
+            if rank >= stops[i, y, x]:
+                continue
+            visible = row[5] * gaussian
+            if visible < ALPHA_MIN:
+                continue
+            alpha = min(visible, ALPHA_MAX)
+            p = (y - y0) * tile_size + (x - x0)
+            t, keep = local_t[p], 1.0 - alpha
+            weight = alpha * t
+            g_feat = 0.0  # sum_f g_f feat_f
+            for ch in range(features):
+                gs = grad_sums[i, y, x, ch]
+                g_feat += gs * feat[ch]
+                acc[GRAD_COLUMNS + ch] += gs * weight
+            own = g_feat * weight
+            d_alpha = g_feat * t - (behind_all[p] - in_front[p] - own) / keep
+            in_front[p] += own
+            local_t[p] = t * keep
+            if visible <= ALPHA_MAX:
+                dx = x + 0.5 - row[0]
+                d_power = -d_alpha * visible
+                acc[0] -= d_power * (row[2] * dx + row[3] * dy)
+                acc[1] -= d_power * (row[3] * dx + row[4] * dy)
+                acc[2] += d_power * 0.5 * dx * dx
+                acc[3] += d_power * dx * dy
+                acc[4] += d_power * 0.5 * dy * dy
+                acc[5] += d_alpha * gaussian  # d visible / d opacity
+
+
+@njit(cache=True, fastmath=True)
 def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
                   tile_size, tiles_x, tiles_y, sums, transmittance, stops, grad_sums,
                   grad_transmittance, out, by_entry):
@@ -229,7 +301,7 @@ def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_star
                                                 transmittance, stops, grad_sums,
                                                 grad_transmittance)
     in_front = np.zeros(tile_size * tile_size)  # behind_all's part in front of the Gaussian
-    feat, grad_feat = np.empty(features), np.empty(features)
+    feat, acc = np.empty(features), np.empty(GRAD_COLUMNS + features)
     used = row_used.max() if y1 > y0 else 0
     for k in range(first, first + used):
         n = pairs[k]
@@ -237,56 +309,9 @@ def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_star
         for ch in range(channels):
             feat[ch] = colors[target, n, ch]
         feat[channels] = row[6]
-        grad_feat[:] = 0.0
-        g_x = g_y = g_a = g_b = g_c = g_o = 0.0
-        c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
-        decay = row[10]
-        for y in range(r0, r1):
-            if k - first >= row_used[y - y0]:
-                continue
-            dy = y + 0.5 - row[1]
-            s0, s1 = row_span(row, dy, c0, c1)
-            g, ratio = row_gaussian_start(row, s0 + 0.5 - row[0], dy)
-            for x in range(s0, s1):
-                gaussian = g
-                g *= ratio
-                ratio *= decay
-                if k - first >= stops[i, y, x]:
-                    continue
-                visible = row[5] * gaussian
-                if visible < ALPHA_MIN:
-                    continue
-                dx = x + 0.5 - row[0]
-                alpha = min(visible, ALPHA_MAX)
-                p = (y - y0) * tile_size + (x - x0)
-                t, keep = local_t[p], 1.0 - alpha
-                weight = alpha * t
-                g_feat = 0.0  # sum_f g_f feat_f
-                for ch in range(features):
-                    gs = grad_sums[i, y, x, ch]
-                    g_feat += gs * feat[ch]
-                    grad_feat[ch] += gs * weight
-                own = g_feat * weight
-                d_alpha = g_feat * t - (behind_all[p] - in_front[p] - own) / keep
-                in_front[p] += own
-                local_t[p] = t * keep
-                if visible <= ALPHA_MAX:
-                    g_o += d_alpha * visible / row[5]
-                    d_power = -d_alpha * visible
-                    g_a += d_power * 0.5 * dx * dx
-                    g_b += d_power * dx * dy
-                    g_c += d_power * 0.5 * dy * dy
-                    g_x -= d_power * (row[2] * dx + row[3] * dy)
-                    g_y -= d_power * (row[3] * dx + row[4] * dy)
-        dest = out[0 if by_entry else numba.get_thread_id(), i, n]
-        dest[0] += g_x
-        dest[1] += g_y
-        dest[2] += g_a
-        dest[3] += g_b
-        dest[4] += g_c
-        dest[5] += g_o
-        for ch in range(features):
-            dest[GRAD_COLUMNS + ch] += grad_feat[ch]
+        _pair_backward(row, feat, k - first, i, x0, y0, x1, y1, tile_size, stops, row_used,
+                       local_t, behind_all, in_front, grad_sums, acc)
+        out[0 if by_entry else numba.get_thread_id(), i, n] += acc
 
 
 @njit(cache=True, parallel=True)
