@@ -1,0 +1,87 @@
+"""Configuration of the fitting stage, with quality presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+PRESETS = ("fast", "default", "quality")
+
+
+@dataclass
+class FitConfig:
+    """How Gaussians are fitted to the user's frames.
+
+    Phase 1 fits one set of Gaussians to the first timestep's cells with adaptive density
+    control; phase 2 carries it to each later timestep (positions and rotations only, held
+    together by rigidity losses); phase 3 polishes everything on cells of every timestep.
+    Steps are per phase (phase 2: per timestep). Lengths are in units of the rig's mean
+    camera distance, so one config suits any scene scale.
+    """
+
+    # ------------------------------------------------------------------ budget
+    static_steps: int = 300
+    track_steps: int = 40  # per later timestep
+    joint_steps: int = 60
+    views_per_step: int = 4  # cells rendered in one step (the rest wait for later steps)
+    max_seconds: float = 0.0  # 0: no limit; else the phases shrink to fit
+    # ------------------------------------------------------------------ initialisation
+    init_resolution: int = 64  # longest side of the plane-sweep images
+    init_depths: int = 96  # depth hypotheses of the plane sweep
+    init_max_points: int = 20000
+    init_cost_quantile: float = 0.6  # keep the best-matching fraction of pixels
+    init_opacity: float = 0.5
+    # ------------------------------------------------------------------ optimisation
+    lr: float = 1.0  # multiplies every learning rate below
+    means_lr: float = 2e-3  # x the rig scale
+    quats_lr: float = 1e-3 * 10
+    scales_lr: float = 5e-3
+    opacity_lr: float = 5e-2
+    colors_lr: float = 2.5e-3 * 4
+    background_lr: float = 1e-2
+    ssim_weight: float = 0.2
+    opacity_weight: float = 1e-3  # mean opacity penalty: fewer floaters
+    min_pixel_size: float = 0.5  # splats are kept at least this many pixels wide (sigma)
+    pixel_size_weight: float = 1e-2
+    # ------------------------------------------------------------------ density control
+    densify_every: int = 50
+    densify_until: float = 0.7  # fraction of the static phase
+    densify_grad: float = 2e-4  # view-space positional gradient threshold (NDC units)
+    split_size: float = 0.01  # Gaussians larger than this (x rig scale) are split
+    prune_opacity: float = 0.02
+    max_gaussians: int = 60000
+    opacity_reset_every: int = 0  # 0: no reset
+    # ------------------------------------------------------------------ tracking
+    rigidity_weight: float = 4.0
+    rotation_weight: float = 1.0
+    isometry_weight: float = 1.0
+    neighbours: int = 8
+    coarse_to_fine: bool = True  # the first third of the static phase at half resolution
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int | float) and value < 0:
+                raise ValueError(f"FitConfig.{f.name} must be >= 0, got {value!r}")
+        if self.views_per_step < 1 or self.init_resolution < 8 or self.init_depths < 2:
+            raise ValueError("FitConfig: views_per_step >= 1, init_resolution >= 8 and "
+                             "init_depths >= 2 are needed")
+        if not 0 < self.init_cost_quantile <= 1 or not 0 < self.init_opacity < 1:
+            raise ValueError("FitConfig: init_cost_quantile in (0, 1], init_opacity in (0, 1)")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> FitConfig:
+        """"fast" (previews), "default", "quality" (more steps and Gaussians)."""
+        if name not in PRESETS:
+            raise ValueError(f"fit preset: expected one of {PRESETS}, got {name!r}")
+        base = {
+            "fast": dict(static_steps=120, track_steps=15, joint_steps=0, views_per_step=3,
+                         init_max_points=10000, max_gaussians=25000, densify_every=40),
+            "default": {},
+            "quality": dict(static_steps=800, track_steps=100, joint_steps=300,
+                            views_per_step=6, init_max_points=40000, max_gaussians=150000),
+        }[name]
+        return replace(cls(), **{**base, **overrides})

@@ -1,0 +1,117 @@
+"""The Gaussians being fitted: one set with identities, shared appearance, and a position
+and rotation per timestep.
+
+Index i is the same Gaussian at every timestep (its identity): colour, opacity and scales
+are shared; means and rotations are per timestep. Density control adds and removes
+Gaussians on every timestep at once, so identities stay aligned.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from backend.gaussians import SH_C0, Gaussians
+
+SCALE_FLOOR = 1e-7
+
+
+def inverse_sigmoid(x: Tensor) -> Tensor:
+    x = x.clamp(1e-6, 1 - 1e-6)
+    return torch.log(x / (1 - x))
+
+
+class FitGaussians:
+    """Trainable tensors (leaves with requires_grad) of N Gaussians over T timesteps."""
+
+    def __init__(self, means: Tensor, quats: Tensor, log_scales: Tensor,
+                 opacity_logits: Tensor, sh0: Tensor, num_steps: int = 1):
+        # means [N, 3], quats [N, 4], log_scales [N, 3], opacity_logits [N], sh0 [N, 3]
+        self.means = [means.detach().clone().requires_grad_() for _ in range(num_steps)]
+        self.quats = [quats.detach().clone().requires_grad_() for _ in range(num_steps)]
+        self.log_scales = log_scales.detach().clone().requires_grad_()
+        self.opacity_logits = opacity_logits.detach().clone().requires_grad_()
+        self.sh0 = sh0.detach().clone().requires_grad_()
+
+    @classmethod
+    def from_points(cls, means: Tensor, colors: Tensor, sizes: Tensor, opacity: float,
+                    num_steps: int = 1) -> FitGaussians:
+        """Round Gaussians at `means` [N, 3] with `colors` [N, 3], `sizes` [N] (sigma) and
+        one opacity, the same at each of `num_steps` timesteps."""
+        n = len(means)
+        quats = torch.zeros(n, 4)
+        quats[:, 0] = 1
+        log_scales = torch.log(sizes.clamp(min=SCALE_FLOOR))[:, None].expand(n, 3)
+        return cls(means.float(), quats, log_scales.float(),
+                   inverse_sigmoid(torch.full((n,), opacity)),
+                   ((colors.float() - 0.5) / SH_C0), num_steps)
+
+    def __len__(self) -> int:
+        return self.log_scales.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.means)
+
+    def appearance(self) -> list[Tensor]:
+        return [self.log_scales, self.opacity_logits, self.sh0]
+
+    def activated(self, t: int) -> dict[str, Tensor]:
+        """rasterize() arguments of timestep t."""
+        return {"means": self.means[t], "quats": self.quats[t],
+                "scales": torch.exp(self.log_scales),
+                "opacities": torch.sigmoid(self.opacity_logits),
+                "colors": (0.5 + SH_C0 * self.sh0).clamp(min=0.0)}
+
+    def select(self, keep: Tensor) -> None:
+        """Keep Gaussians where `keep` [N] is true (or the indices it lists), at every step."""
+        def take(x: Tensor) -> Tensor:
+            return x.detach()[keep].clone().requires_grad_()
+        self.means = [take(m) for m in self.means]
+        self.quats = [take(q) for q in self.quats]
+        self.log_scales, self.opacity_logits, self.sh0 = (
+            take(self.log_scales), take(self.opacity_logits), take(self.sh0))
+
+    def append(self, means: list[Tensor], quats: list[Tensor], log_scales: Tensor,
+               opacity_logits: Tensor, sh0: Tensor) -> None:
+        """Add Gaussians (per-timestep means and quats, shared appearance)."""
+        def cat(a: Tensor, b: Tensor) -> Tensor:
+            return torch.cat([a.detach(), b.detach()]).requires_grad_()
+        self.means = [cat(a, b) for a, b in zip(self.means, means, strict=True)]
+        self.quats = [cat(a, b) for a, b in zip(self.quats, quats, strict=True)]
+        self.log_scales = cat(self.log_scales, log_scales)
+        self.opacity_logits = cat(self.opacity_logits, opacity_logits)
+        self.sh0 = cat(self.sh0, sh0)
+
+    def to_gaussians(self) -> list[Gaussians]:
+        """One Gaussians container per timestep, index i the same Gaussian in each."""
+        with torch.no_grad():
+            shared = {"log_scales": self.log_scales.float().numpy(),
+                      "opacity_logits": self.opacity_logits.float().numpy(),
+                      "sh0": self.sh0.float().numpy()}
+            return [Gaussians(means=m.float().numpy(),
+                              quats=torch.nn.functional.normalize(q, dim=-1).float().numpy(),
+                              **shared)
+                    for m, q in zip(self.means, self.quats, strict=True)]
+
+
+def quat_multiply(a: Tensor, b: Tensor) -> Tensor:  # [..., 4] (w, x, y, z) each
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz,
+                        aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx,
+                        aw * bz + ax * by - ay * bx + az * bw], dim=-1)
+
+
+def quat_conjugate(q: Tensor) -> Tensor:
+    return q * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=q.dtype)
+
+
+def quat_to_matrix(q: Tensor) -> Tensor:  # [..., 4] -> [..., 3, 3]
+    w, x, y, z = torch.nn.functional.normalize(q, dim=-1).unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+        dim=-1).reshape(*q.shape[:-1], 3, 3)
