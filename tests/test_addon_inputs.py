@@ -66,7 +66,10 @@ def test_generate_request_from_image_sequence_and_freeze_time(tmp_path):
     settings.freeze_folder, settings.seed = str(tmp_path / "freeze"), 7
     request = workflows.generate_request(bpy.context)
     assert request.kind == "generate" and request.frames == [1, 2, 3]
-    assert request.params["seed"] == 7 and request.params["frames"] == [1, 2, 3]
+    assert request.params["seed"] == 7
+    job_params = addon_module("vendor.job_params")
+    job_params.JOB_PARAMS["generate"].validate(request.params)  # the backend accepts them
+    assert set(request.arrays) == {"c2w", "intrinsics", "video", "freeze"}
     assert request.arrays["c2w"].shape == (2, 3, 4, 4)
     np.testing.assert_array_equal(request.arrays["video"], video[:3])
     np.testing.assert_array_equal(request.arrays["freeze"], freeze)
