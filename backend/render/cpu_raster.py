@@ -55,12 +55,12 @@ def row_span(row, dy, c0, c1):  # columns [lo, hi) of row dy inside the alpha el
 
 
 @njit(cache=True)
-def radix_argsort(keys):  # keys [M] uint64 -> stable ascending order [M] (int64)
+def radix_argsort(keys, bits):  # keys [M] uint64 below 2**bits -> stable order [M] (int64)
     """LSD radix sort by 11-bit digits, skipping digits every key shares."""
     idx, keys = np.arange(keys.shape[0]), keys.copy()
     idx_out, keys_out = np.empty_like(idx), np.empty_like(keys)
     counts = np.empty(2049, np.int64)
-    for shift in range(0, 64, 11):
+    for shift in range(0, bits, 11):
         counts[:] = 0
         for j in range(keys.shape[0]):
             counts[((keys[j] >> shift) & 2047) + 1] += 1
@@ -87,32 +87,52 @@ def row_gaussian_start(row, dx, dy):
     return math.exp(-power), math.exp(-(a * dx + 0.5 * a + b * dy))
 
 
+@njit(cache=True)
+def _tile_ranges(proj, i, kept, tile_size, width, height):
+    """Depths [M] and tile ranges [M, 4] (x first, x last, y first, y last; x last < x first
+    when no pixel centre is covered) of image i's kept Gaussians, read in index order."""
+    depths = np.empty(kept.shape[0])  # float64: float32 depths convert exactly
+    ranges = np.empty((kept.shape[0], 4), np.int32)
+    for k in range(kept.shape[0]):
+        row = proj[i, kept[k]]
+        depths[k] = row[6]
+        c0, c1, r0, r1 = pixel_box(row, 0, 0, width, height)
+        ranges[k, 0], ranges[k, 2] = c0 // tile_size, r0 // tile_size
+        ranges[k, 1] = (c1 - 1) // tile_size if c0 < c1 and r0 < r1 else -1
+        ranges[k, 3] = (r1 - 1) // tile_size
+    return depths, ranges
+
+
 @njit(cache=True, parallel=True)
-def sort_and_count(proj, valid, tile_size, tiles_x, tiles_y, width, height, order, counts,
+def sort_and_count(proj, valid, tile_size, tiles_x, width, height, order, tile_ranges, counts,
                    tile_counts):
-    """Per image: order [I, N] kept Gaussians by depth (counts [I] of them) and tile_counts
-    [I, tiles] pairs per tile. Depths are positive, so their IEEE bits sort like them."""
+    """Per image: order [I, N] kept Gaussians by depth (counts [I] of them) with their tile
+    ranges [I, N, 4] in that order, and tile_counts [I, tiles] pairs per tile. Depths are
+    positive, so their IEEE bits sort like them: 32-bit keys for float32 projections (3 radix
+    passes), 64-bit ones for float64. Projections are read in index order, not depth order."""
+    narrow = proj.itemsize == 4
     for i in prange(valid.shape[0]):
         kept = np.nonzero(valid[i])[0]
-        depths = np.empty(kept.shape[0])  # float64: float32 depths convert exactly
-        for k in range(kept.shape[0]):
-            depths[k] = proj[i, kept[k], 6]
-        ranked = kept[radix_argsort(depths.view(np.uint64))]
+        depths, ranges = _tile_ranges(proj, i, kept, tile_size, width, height)
+        if narrow:
+            keys = depths.astype(np.float32).view(np.uint32).astype(np.uint64)
+        else:
+            keys = depths.view(np.uint64)
         num = 0
-        for k in range(ranked.shape[0]):
-            c0, c1, r0, r1 = pixel_box(proj[i, ranked[k]], 0, 0, width, height)
-            if c0 >= c1 or r0 >= r1:
+        for k in radix_argsort(keys, 32 if narrow else 64):
+            if ranges[k, 1] < ranges[k, 0]:
                 continue  # covers no pixel centre
-            order[i, num] = ranked[k]
+            order[i, num] = kept[k]
+            tile_ranges[i, num] = ranges[k]
             num += 1
-            for ty in range(r0 // tile_size, (r1 - 1) // tile_size + 1):
-                for tx in range(c0 // tile_size, (c1 - 1) // tile_size + 1):
+            for ty in range(ranges[k, 2], ranges[k, 3] + 1):
+                for tx in range(ranges[k, 0], ranges[k, 1] + 1):
                     tile_counts[i, ty * tiles_x + tx] += 1
         counts[i] = num
 
 
 @njit(cache=True, parallel=True)
-def fill_tiles(proj, order, counts, tile_size, tiles_x, width, height, tile_start, pairs):
+def fill_tiles(order, tile_ranges, counts, tiles_x, tile_start, pairs):
     """pairs [P]: Gaussian index per (tile, Gaussian) pair, tile after tile (tile_start
     [I * tiles + 1] offsets), each tile's run in depth order."""
     num_images = order.shape[0]
@@ -121,9 +141,8 @@ def fill_tiles(proj, order, counts, tile_size, tiles_x, width, height, tile_star
         cursor = tile_start[i * tiles:(i + 1) * tiles].copy()
         for k in range(counts[i]):
             n = order[i, k]
-            c0, c1, r0, r1 = pixel_box(proj[i, n], 0, 0, width, height)
-            for ty in range(r0 // tile_size, (r1 - 1) // tile_size + 1):
-                for tx in range(c0 // tile_size, (c1 - 1) // tile_size + 1):
+            for ty in range(tile_ranges[i, k, 2], tile_ranges[i, k, 3] + 1):
+                for tx in range(tile_ranges[i, k, 0], tile_ranges[i, k, 1] + 1):
                     tile = ty * tiles_x + tx
                     pairs[cursor[tile]] = n
                     cursor[tile] += 1

@@ -76,15 +76,15 @@ def _forward_arrays(arrays: dict[str, np.ndarray], s: _Settings) -> dict[str, np
                             proj, valid)
     tiles_x, tiles_y = s.tiles()
     order = np.empty((num_images, n), np.int32)
+    tile_ranges = np.empty((num_images, n, 4), np.int32)
     counts = np.zeros(num_images, np.int64)
     tile_counts = np.zeros((num_images, tiles_x * tiles_y), np.int64)
-    cpu_raster.sort_and_count(proj, valid, s.tile_size, tiles_x, tiles_y, s.width, s.height,
-                              order, counts, tile_counts)
+    cpu_raster.sort_and_count(proj, valid, s.tile_size, tiles_x, s.width, s.height, order,
+                              tile_ranges, counts, tile_counts)
     tile_start = np.zeros(tile_counts.size + 1, np.int64)
     np.cumsum(tile_counts.ravel(), out=tile_start[1:])
     pairs = np.empty(int(tile_start[-1]), np.int32)
-    cpu_raster.fill_tiles(proj, order, counts, s.tile_size, tiles_x, s.width, s.height,
-                          tile_start, pairs)
+    cpu_raster.fill_tiles(order, tile_ranges, counts, tiles_x, tile_start, pairs)
     features = arrays["colors"].shape[-1] + 1
     sums = np.empty((num_images, s.height, s.width, features))
     transmittance = np.empty((num_images, s.height, s.width))
