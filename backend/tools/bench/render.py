@@ -3,11 +3,12 @@
 `python -m backend.tools.bench render [--json PATH] [--repeats R] [--only NAME ...]
 [--impl cpu torch] [--torch-threads T]`
 
-Per case: median wall seconds of forward and forward+backward after one warm-up call, for
-each implementation, alternating within the run so both see the same machine load; the
-speedup of the kernels over the twin; and the fraction of the floor the kernels reach, where
-the floor is the issue's estimate: 1M Gaussian-pixel evaluations per image at 80 flops each
-(forward+backward) on a 30 GFLOP/s two-core CPU.
+Per case: median wall seconds (and process CPU seconds) of forward and forward+backward after
+one warm-up call, for each implementation, alternating within the run so both see the same
+machine load; the speedup of the kernels over the twin (wall, and in CPU seconds); and the
+fraction of the floor the kernels reach, where the floor is the issue's estimate: 1M
+Gaussian-pixel evaluations per image at 80 flops each (forward+backward) on a 30 GFLOP/s
+two-core CPU.
 """
 
 from __future__ import annotations
@@ -87,16 +88,18 @@ def time_case(case: RenderBenchCase, repeats: int, implementations: list[str]) -
     """Median wall seconds per implementation and pass; calls alternate between them."""
     scene = make_scene(case)
     calls = {name: _calls(case, scene, IMPLEMENTATIONS[name]) for name in implementations}
-    times = {name: {key: [] for key in ("fwd_s", "fwd_bwd_s")} for name in implementations}
+    times = {name: {key: [] for key in ("fwd_s", "fwd_bwd_s", "fwd_cpu_s", "fwd_bwd_cpu_s")}
+             for name in implementations}
     for name in implementations:  # warm-up: compilation, caches, allocator
         for call in calls[name].values():
             call()
     for _ in range(repeats):
         for name in implementations:
             for key, call in calls[name].items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 call()
                 times[name][key].append(time.perf_counter() - start)
+                times[name][key.replace("_s", "_cpu_s")].append(time.process_time() - start_cpu)
     row = {**asdict(case)}
     for name in implementations:
         for key, values in times[name].items():
@@ -109,6 +112,8 @@ def time_case(case: RenderBenchCase, repeats: int, implementations: list[str]) -
     if {"cpu", "torch"} <= set(implementations):
         row["speedup_fwd_vs_torch"] = row["torch_fwd_s"] / row["cpu_fwd_s"]
         row["speedup_fwd_bwd_vs_torch"] = row["torch_fwd_bwd_s"] / row["cpu_fwd_bwd_s"]
+        row["cpu_seconds_ratio_fwd_bwd"] = (row["torch_fwd_bwd_cpu_s"]
+                                            / row["cpu_fwd_bwd_cpu_s"])
     return row
 
 
