@@ -153,28 +153,35 @@ _MODEL_PARAMS = {
     "recon_model": Param("recon_model", "str", None, "reconstruction checkpoint by name; "
                          "default: the first shipped one"),
 }
-_RECON_PARAMS = (
-    Param("refine_steps", "int", 0, "per-scene refinement steps of the Gaussians against the "
-          "grid (0 = off)", 0, 100000),
-    Param("refine_lr", "float", 0.05, "learning rate of the refinement", 1e-6, 10.0),
+_SEED = Param("seed", "int", 0, "seed of the sampler's noise and of the fit", 0, 2**63 - 1)
+_FIT_PARAMS = (
+    Param("fit", "str", "default", "the fitting stage's preset: Gaussians optimised against "
+          "the frames (`off`: the feed-forward reconstruction alone)",
+          choices=("off", "fast", "default", "quality")),
+    Param("fit_seconds", "float", 0.0, "time budget of the fitting stage (0: the preset's "
+          "step counts)", 0.0, 86400.0),
+    Param("fit_resolution", "int", 512, "longest side the frames are fitted at (larger "
+          "frames are downsampled)", 16, 4096),
     Param("min_opacity", "float", 0.0, "drop Gaussians below this opacity", 0.0, 0.99),
-    _MODEL_PARAMS["recon_model"],
 )
+_RECON_PARAMS = (*_FIT_PARAMS, _MODEL_PARAMS["recon_model"])
 
 JOB_PARAMS: dict[str, ParamSchema] = {
     "generate": ParamSchema((
-        Param("seed", "int", 0, "seed of the sampler's noise", 0, 2**63 - 1),
+        _SEED,
         Param("steps", "int", 1, "denoising steps (the shipped tiny model is best at 1)",
               1, 1000),
         Param("guidance", "float", 1.0, "classifier-free guidance scale (1 = off)", 0.0, 100.0),
         Param("shift", "float", 1.0, "timestep shift of the sampler's schedule", 1e-3, 1e3),
         *_RECON_PARAMS,
+        Param("generated_weight", "float", 0.25, "weight of the generated frames in the fit "
+              "(the given frames weigh 1)", 0.0, 1.0),
         _MODEL_PARAMS["diffusion_model"],
         Param("video_path", "str", None, "a movie file on the backend's machine to read the "
               "input video from, instead of the `video` array"),
         Param("fps", "float", 8.0, "frame rate of the grid preview video", 0.1, 1000.0),
     )),
-    "reconstruct": ParamSchema(_RECON_PARAMS),
+    "reconstruct": ParamSchema((_SEED, *_RECON_PARAMS)),
     "render": ParamSchema((
         Param("near", "float", 0.01, "near clipping distance", 1e-9, 1e12),
         Param("far", "float", 1e10, "far clipping distance (greater than near)", 1e-9, 1e12),

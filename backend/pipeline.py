@@ -141,8 +141,10 @@ class GenerateSettings:
     guidance: float = _GENERATE["guidance"].default
     shift: float = _GENERATE["shift"].default
     seed: int = _GENERATE["seed"].default
-    refine_steps: int = _GENERATE["refine_steps"].default
-    refine_lr: float = _GENERATE["refine_lr"].default
+    fit: str = _GENERATE["fit"].default
+    fit_seconds: float = _GENERATE["fit_seconds"].default
+    fit_resolution: int = _GENERATE["fit_resolution"].default
+    generated_weight: float = _GENERATE["generated_weight"].default
     min_opacity: float = _GENERATE["min_opacity"].default
 
     @classmethod
@@ -255,11 +257,8 @@ def reconstruct_grid(
     intrinsics: np.ndarray,  # [V, T, 6] of any resolution (rescaled here)
     settings: GenerateSettings,
     progress: Progress | None = None,
-    should_cancel: Callable[[], bool] | None = None,
 ) -> GaussianSequence:  # in the normalised frame
-    """Gaussians per timestep from a full grid, refined against it when asked."""
-    from backend.recon import refine
-
+    """Gaussians per timestep from a full grid by the feed-forward reconstruction model."""
     h, w = recon.config.image_size
     frames = resize_frames(grid, (h, w))
     intr = scale_intrinsics(np.asarray(intrinsics, dtype=np.float64), w, h)
@@ -271,16 +270,63 @@ def reconstruct_grid(
         seq = recon.reconstruct(frames, c2w32, intr32, min_opacity=settings.min_opacity)
     if progress is not None:
         progress("reconstruct", 1, 1, f"{sum(len(g) for g in seq)} Gaussians")
-    if settings.refine_steps > 0:
-        def report(step: int, of: int, loss: float) -> None:
-            if progress is not None:
-                progress("refine", step, of, f"refinement loss {loss:.4f}")
-
-        device = next(recon.parameters()).device
-        seq = refine(seq, frames, c2w32, intr32, steps=settings.refine_steps,
-                     lr=settings.refine_lr, progress=report, should_cancel=should_cancel,
-                     device=device)
     return seq
+
+
+@dataclass
+class FitCells:
+    """Frames for the fitting stage: images [V, T, H, W, 3] uint8 (or float [0, 1]) at one
+    resolution with a weight per cell [V, T] (0: not fitted)."""
+
+    images: np.ndarray | Tensor
+    weights: np.ndarray
+
+
+def fit_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    """(h, w) with the longest side at most `longest`, the aspect ratio kept."""
+    scale = min(1.0, longest / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def fit_cells(
+    cells: list[FitCells],
+    c2w: np.ndarray,  # [V, T, 4, 4] normalised
+    intrinsics: np.ndarray,  # [V, T, 6] of any resolution (rescaled to each group's)
+    settings: GenerateSettings,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[GaussianSequence, dict[str, Any]]:
+    """The fitting stage over groups of cells (the user's frames at their resolution, the
+    generated ones at the model's), each resized to at most `settings.fit_resolution`.
+    Returns the Gaussians (normalised frame; index i is the same Gaussian at every
+    timestep) and a report (the learned background colour, time and steps per phase)."""
+    from backend.fit import FitConfig, FitTarget, fit_gaussians
+
+    targets = []
+    for group in cells:
+        images = group.images
+        if isinstance(images, Tensor):  # [V, T, 3, H, W] float
+            H, W = images.shape[-2:]
+            frames = resize_frames(images, fit_size(H, W, settings.fit_resolution))
+        else:
+            H, W = images.shape[-3:-1]
+            frames = frames_to_tensor(images, fit_size(H, W, settings.fit_resolution))
+        targets.append(FitTarget(frames, torch.as_tensor(c2w, dtype=torch.float32),
+                                 torch.as_tensor(intrinsics, dtype=torch.float32),
+                                 torch.as_tensor(group.weights, dtype=torch.float32)))
+    config = FitConfig.preset(settings.fit, seed=int(settings.seed) % 2**63,
+                              max_seconds=settings.fit_seconds)
+    seq, background, report = fit_gaussians(targets, config, device=device,
+                                            progress=progress, should_cancel=should_cancel)
+    if settings.min_opacity > 0:  # opacity is shared, so every timestep keeps the same ones
+        keep = 1 / (1 + np.exp(-seq[0].opacity_logits)) >= settings.min_opacity
+        seq = [g.subset(keep) for g in seq]
+    summary = {"background": [round(float(c), 4) for c in background],
+               "preset": settings.fit, "gaussians": len(seq[0]),
+               "initial_gaussians": report.initial_count, "seconds": report.seconds,
+               "steps": report.steps}
+    return GaussianSequence(seq), summary
 
 
 def grid_preview(grid: np.ndarray, scale: int = 4) -> np.ndarray:

@@ -96,9 +96,10 @@ class FOURREAL_PT_job(_Panel, bpy.types.Panel):
         row = layout.row(align=True)
         row.prop(settings, "seed")
         row.prop(settings, "steps")
+        layout.prop(settings, "guidance")
         row = layout.row(align=True)
-        row.prop(settings, "guidance")
-        row.prop(settings, "refine_steps")
+        row.prop(settings, "fit_preset", text="Fit")
+        row.prop(settings, "fit_seconds", text="Seconds")
         layout.prop(settings, "render_folder")
         row = layout.row(align=True)
         row.scale_y = 1.4

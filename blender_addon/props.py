@@ -34,6 +34,11 @@ def job_param(kind: str, name: str) -> dict:
             **bounds}
 
 
+def job_choices(kind: str, name: str) -> list[tuple[str, str, str]]:
+    """EnumProperty items of a job parameter with a fixed set of values."""
+    return [(c, c.title(), f"{name} = {c}") for c in JOB_PARAMS[kind][name].choices]
+
+
 RIG_SOURCES = [
     ("SELECTION", "Selected Cameras", "The selected camera objects, ordered by name"),
     ("COLLECTION", "Collection", "The cameras of a collection, ordered by name"),
@@ -69,8 +74,10 @@ class FourRealSettings(bpy.types.PropertyGroup):
     steps: IntProperty(name="Sampling Steps", soft_max=200, **job_param("generate", "steps"))
     guidance: FloatProperty(name="Guidance", soft_max=20.0,
                             **job_param("generate", "guidance"))
-    refine_steps: IntProperty(name="Refine Steps", soft_max=5000,
-                              **job_param("generate", "refine_steps"))
+    fit_preset: EnumProperty(name="Fit", items=job_choices("generate", "fit"),
+                             **job_param("generate", "fit"))
+    fit_seconds: FloatProperty(name="Fit Seconds", soft_max=1800.0, subtype="TIME_ABSOLUTE",
+                               **job_param("generate", "fit_seconds"))
     render_folder: StringProperty(
         name="Render Folder", subtype="DIR_PATH",
         description="Where rig renders are written (empty: a temporary folder)")

@@ -61,11 +61,16 @@ def scene_fps(scene: bpy.types.Scene) -> float:
     return scene.render.fps / scene.render.fps_base
 
 
+def fit_params(settings) -> dict[str, Any]:
+    """The fitting stage's parameters, shared by Generate and Reconstruct."""
+    return {"fit": settings.fit_preset, "fit_seconds": float(settings.fit_seconds)}
+
+
 def generate_request(context: bpy.types.Context) -> JobRequest:
     scene, settings = context.scene, context.scene.fourreal
     cameras, extracted = scene_rig(context)
     params = {"fps": scene_fps(scene), "seed": settings.seed, "steps": settings.steps,
-              "guidance": settings.guidance, "refine_steps": settings.refine_steps}
+              "guidance": settings.guidance, **fit_params(settings)}
     arrays = extracted.to_arrays()
     if settings.input_source == "CLIP":
         params["video_path"] = inputs.movie_clip_path(settings.movie_clip)
@@ -91,7 +96,7 @@ def reconstruct_request(context: bpy.types.Context) -> JobRequest:
     arrays = extracted.to_arrays()
     arrays["images"] = inputs.render_rig(scene, cameras, extracted.frames,
                                          settings.render_folder or None)
-    params = {"refine_steps": settings.refine_steps}
+    params = {"seed": settings.seed, **fit_params(settings)}
     return JobRequest("reconstruct", params, arrays, extracted.frames,
                       f"{scene.name} Reconstruction")
 

@@ -24,12 +24,16 @@ def addon():
 def test_job_settings_take_defaults_and_bounds_from_the_backends_schema():
     job_params = addon_module("vendor.job_params")
     rna = bpy.types.Scene.bl_rna.properties["fourreal"].fixed_type.bl_rna.properties
-    for name in ("seed", "steps", "guidance", "refine_steps"):
+    for name in ("seed", "steps", "guidance", "fit_seconds"):
         param, prop = job_params.JOB_PARAMS["generate"][name], rna[name]
         high = min(param.high, 2**31 - 1) if param.type == "int" else param.high
         assert prop.default == pytest.approx(param.default), name
         assert (prop.hard_min, prop.hard_max) == pytest.approx((param.low, high)), name
         assert prop.description.lower().startswith(param.doc[:20].lower()), name
+    fit = rna["fit_preset"]
+    assert [item.identifier for item in fit.enum_items] == list(
+        job_params.JOB_PARAMS["generate"]["fit"].choices)
+    assert fit.default == job_params.JOB_PARAMS["generate"]["fit"].default
 
 
 def test_add_rig_operator_creates_cameras_and_selects_the_rig():

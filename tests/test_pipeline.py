@@ -5,6 +5,7 @@ quality of the shipped checkpoints is tested in test_checkpoints.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -209,7 +210,7 @@ def test_generate_streams_a_grid_and_gaussians_per_timestep(client, backend):
     outcome = client.run_job("generate", {"steps": 1, "seed": 3}, arrays, timeout=300)
     assert outcome.ok, outcome.final
     stages = [m["stage"] for m in outcome.progress]
-    assert "diffusion" in stages and "reconstruct" in stages
+    assert "diffusion" in stages and "fit" in stages and "reconstruct" not in stages
     grids = [m for m in outcome.results if m["content"] == "grid"]
     gaussians = [m for m in outcome.results if m["content"] == "gaussians"]
     assert len(grids) == 1 and grids[0].arrays["grid"].shape == (2, 2, SIZE, SIZE, 3)
@@ -227,6 +228,21 @@ def test_generate_streams_a_grid_and_gaussians_per_timestep(client, backend):
     assert (folder / "grid" / "grid.mp4").stat().st_size > 0
     assert np.load(folder / "grid" / "grid.npy").shape == (2, 2, SIZE, SIZE, 3)
     assert len(read_ply_sequence(folder / "gaussians")) == 2
+    # one persistent set: the same Gaussians (count, colour, scale) at every timestep
+    counts = {len(m.arrays["means"]) for m in gaussians}
+    assert len(counts) == 1
+    np.testing.assert_array_equal(gaussians[0].arrays["sh0"], gaussians[1].arrays["sh0"])
+    report = json.loads((folder / "fit.json").read_text())
+    assert report["preset"] == "default" and report["gaussians"] == counts.pop()
+    assert set(report["seconds"]) >= {"init", "fit", "track"}
+
+
+def test_generate_without_fit_uses_the_feed_forward_reconstruction(client):
+    outcome = client.run_job("generate", {"steps": 1, "fit": "off"}, video_arrays(2, 2),
+                             timeout=300)
+    assert outcome.ok, outcome.final
+    stages = [m["stage"] for m in outcome.progress]
+    assert "reconstruct" in stages and "fit" not in stages
 
 
 def test_generate_is_deterministic_per_seed(client):

@@ -33,12 +33,12 @@ class FitConfig:
     init_opacity: float = 0.5
     # ------------------------------------------------------------------ optimisation
     lr: float = 1.0  # multiplies every learning rate below
-    means_lr: float = 2e-3  # x the rig scale
-    quats_lr: float = 1e-3 * 10
-    scales_lr: float = 5e-3
-    opacity_lr: float = 5e-2
-    colors_lr: float = 2.5e-3 * 4
-    background_lr: float = 1e-2
+    means_lr: float = 4e-3  # x the mean camera distance
+    quats_lr: float = 2e-2
+    scales_lr: float = 1e-2  # of the log scales
+    opacity_lr: float = 0.1  # of the opacity logits
+    colors_lr: float = 2e-2  # of the DC SH coefficients
+    background_lr: float = 2e-2
     ssim_weight: float = 0.2
     opacity_weight: float = 1e-3  # mean opacity penalty: fewer floaters
     min_pixel_size: float = 0.5  # splats are kept at least this many pixels wide (sigma)

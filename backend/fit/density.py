@@ -2,8 +2,9 @@
 positional gradient is high, prune transparent and oversized ones, keep the count under a cap.
 
 The CPU kernels return gradients for world-space means; the view-space gradient of a
-Gaussian seen at depth z by a camera of focal length f is about |dL/dmean| * z / f (the
-projection's Jacobian), measured in normalised image units (x 2 / image width) as in 3DGS.
+Gaussian seen at depth z by a camera of focal length f is about |dL/dmean| * z / f per pixel
+(the projection's Jacobian), in normalised image units (x width / 2) as in 3DGS, and per
+image (the step's loss averages its images).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class GradientStats:
         with torch.no_grad():
             z = (means @ viewmats[:, 2, :3].T + viewmats[:, 2, 3]).clamp(min=1e-6)  # [N, C]
             pixels = (z / Ks[:, 0, 0]).mean(dim=1)  # world units per pixel
-            view_grad = grad.norm(dim=-1) * pixels * 2.0 / width
+            view_grad = grad.norm(dim=-1) * pixels * (width / 2.0) * len(viewmats)
             seen = grad.abs().sum(dim=-1) > 0
             self.total += view_grad * seen
             self.count += seen.float()
@@ -64,17 +65,21 @@ def densify_and_prune(g: FitGaussians, stats: GradientStats, grad_threshold: flo
         clone = chosen & (largest <= split_size)
         split = chosen & (largest > split_size)
         _clone(g, clone)
-        _split(g, split, generator)
+        _split(g, _padded(split, len(g)), generator)
         opacity = torch.sigmoid(g.opacity_logits)
         largest = torch.exp(g.log_scales).max(dim=-1).values
         keep = (opacity >= prune_opacity) & (largest <= max_size)
-        keep[n:] = True  # new ones get a chance
         keep[:n] &= ~split  # a split Gaussian is replaced by its two halves
         pruned = int((~keep[:n]).sum()) - int(split.sum())
         g.select(keep)
         stats.reset(len(g))
     return {"cloned": int(clone.sum()), "split": int(split.sum()), "pruned": pruned,
             "count": len(g)}
+
+
+def _padded(mask: Tensor, n: int) -> Tensor:
+    """`mask` extended with False to length n (Gaussians appended since it was made)."""
+    return torch.cat([mask, torch.zeros(n - len(mask), dtype=torch.bool)])
 
 
 def _clone(g: FitGaussians, mask: Tensor) -> None:

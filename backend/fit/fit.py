@@ -207,8 +207,8 @@ class _Fitter:
                     reset_opacity(g)
                 optimizer = self._static_optimizer(g, t)
             if step % 10 == 0 or step == steps - 1:
-                self._tell("fit", step + 1, steps, f"loss {float(loss):.4f}, {len(g)} Gaussians")
-        self.report.losses["fit"] = float(loss) if done else math.nan
+                self._tell("fit", step + 1, steps, f"loss {loss.item():.4f}, {len(g)} Gaussians")
+        self.report.losses["fit"] = loss.item() if done else math.nan
         self._finish_phase("fit", started, done)
 
     def _static_optimizer(self, g: FitGaussians, t: int) -> torch.optim.Adam:
@@ -231,11 +231,14 @@ class _Fitter:
         done = 0
         for number, (t, previous) in enumerate(order):
             self._check()
-            with torch.no_grad():
+            with torch.no_grad():  # constant velocity from the two timesteps before
                 g.means[t].copy_(g.means[previous])
                 g.quats[t].copy_(g.quats[previous])
+                before = previous - (t - previous)  # not yet tracked: equal, no velocity
+                if 0 <= before < self.num_steps:
+                    g.means[t].add_(g.means[previous] - g.means[before])
             cells = self._cells(t)
-            optimizer = self._optimizer([([g.means[t]], cfg.means_lr * self.extent * 0.5),
+            optimizer = self._optimizer([([g.means[t]], cfg.means_lr * self.extent * 2.0),
                                          ([g.quats[t]], cfg.quats_lr)])
             for _ in range(cfg.track_steps if cells else 0):
                 if time.perf_counter() > deadline:
@@ -282,7 +285,7 @@ class _Fitter:
             optimizer.step()
             done = step + 1
             if step % 10 == 0:
-                self._tell("polish", step + 1, cfg.joint_steps, f"loss {float(loss):.4f}")
+                self._tell("polish", step + 1, cfg.joint_steps, f"loss {loss.item():.4f}")
         self._finish_phase("polish", started, done)
 
     def _finish_phase(self, phase: str, started: float, steps: int) -> None:
@@ -307,12 +310,12 @@ def fit_gaussians(
     steps = {t.weights.shape[1] for t in targets}
     if len(steps) != 1:
         raise ValueError(f"fit_gaussians: targets disagree on the timesteps: {sorted(steps)}")
+    if not any(bool((t.weights > 0).any()) for t in targets):
+        raise ValueError("fit_gaussians: no cell has a positive weight")
     fitter = _Fitter(targets, config, torch.device(device), background, progress,
                      should_cancel)
     num_steps = steps.pop()
     weights = [timestep_weight(fitter.targets, t) for t in range(num_steps)]
-    if max(weights) <= 0:
-        raise ValueError("fit_gaussians: no cell has a positive weight")
     first = max(range(num_steps), key=lambda t: (weights[t], -t))
     started = time.perf_counter()
     g = fitter.initialise(first)

@@ -78,13 +78,14 @@ def check_frame_size(frames: np.ndarray, intr: np.ndarray, name: str) -> None:
                 f"{int(w)}x{int(h)} (aspect ratios differ)", name)
 
 
-def pipeline_models(ctx: JobContext, params: dict[str, Any], need_diffusion: bool) -> dict:
+def pipeline_models(ctx: JobContext, params: dict[str, Any], need_diffusion: bool,
+                    need_recon: bool = True) -> dict:
     """The pipeline's models by role ("diffusion", "reconstruction"), chosen by
     params.diffusion_model / params.recon_model (default: the first found), loaded through
     the model registry once and kept in the model store."""
     from backend import models as registry
 
-    wanted = {"reconstruction": params.get("recon_model")}
+    wanted = {"reconstruction": params.get("recon_model")} if need_recon else {}
     if need_diffusion:
         wanted["diffusion"] = params.get("diffusion_model")
     loaded = {}
@@ -116,3 +117,22 @@ def send_gaussians(ctx: JobContext, seq, frame) -> None:
     write_ply_sequence(ctx.out_dir / "gaussians", GaussianSequence(world))
 
 
+
+
+def run_fit(ctx: JobContext, cells: list, c2w: np.ndarray, intrinsics: np.ndarray, settings):
+    """The fitting stage on the job's device, with progress and cancel; its report goes to
+    fit.json in the job folder."""
+    import json
+
+    from backend import pipeline
+    from backend.fit import FitCancelled
+    from backend.worker import JobCancelled
+
+    try:
+        seq, report = pipeline.fit_cells(cells, c2w, intrinsics, settings, ctx.device,
+                                         progress_reporter(ctx),
+                                         ctx.job.cancel_event.is_set)
+    except FitCancelled:
+        raise JobCancelled(ctx.job.id) from None
+    (ctx.out_dir / "fit.json").write_text(json.dumps(report, indent=2) + "\n")
+    return seq

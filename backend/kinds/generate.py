@@ -29,6 +29,7 @@ from backend.kinds.common import (
     grid_rig,
     pipeline_models,
     progress_reporter,
+    run_fit,
     send_gaussians,
 )
 from backend.worker import JobCancelled, JobContext
@@ -44,12 +45,7 @@ def validate_generate(msg: protocol.Message, params: dict[str, Any]) -> dict[str
         inputs["video"] = grid_frames(msg, "video", (T,), "one frame per timestep")
         check_frame_size(inputs["video"], rig["intrinsics"][0], "video")
     elif params["video_path"] is not None:
-        path = params["video_path"]
-        if not Path(path).is_file():
-            raise protocol.ProtocolError("bad_input", f"params.video_path: no such file "
-                                         f"{path!r} on the backend's machine",
-                                         "params.video_path")
-        inputs["video_path"] = path
+        inputs["video_path"] = allowed_input_path(params["video_path"])
     else:
         raise protocol.ProtocolError("bad_input", "generate needs the input video: array "
                                      "'video' [T, H, W, 3] uint8 or params.video_path", "video")
@@ -57,6 +53,39 @@ def validate_generate(msg: protocol.Message, params: dict[str, Any]) -> dict[str
         inputs["freeze"] = grid_frames(msg, "freeze", (V,), "one frame per view")
         check_frame_size(inputs["freeze"], rig["intrinsics"][:, 0], "freeze")
     return inputs
+
+
+# The folder params.video_path may read from (`serve --input-folder`); None: paths from the
+# wire are refused, so no client reads the server's files.
+_INPUT_FOLDER: Path | None = None
+
+
+def set_input_folder(folder: str | Path | None) -> None:
+    """Allow params.video_path inside `folder` only (None: refuse every path)."""
+    global _INPUT_FOLDER
+    _INPUT_FOLDER = None if folder is None else Path(folder).resolve(strict=True)
+
+
+def allowed_input_path(path: str) -> str:
+    """`path` (relative to the input folder, or absolute) resolved, symbolic links included,
+    if it lies inside the input folder and is a file. Anything outside is refused before the
+    file system is asked about it, so the reply tells nothing about the server's files."""
+    field = "params.video_path"
+    if _INPUT_FOLDER is None:
+        raise protocol.ProtocolError("bad_input", "params.video_path is not accepted by this "
+                                     "backend (it was started without --input-folder); send "
+                                     "the frames as the 'video' array", field)
+    try:
+        resolved = (_INPUT_FOLDER / path).resolve()
+    except (OSError, RuntimeError, ValueError):
+        resolved = None
+    if resolved is None or not resolved.is_relative_to(_INPUT_FOLDER):
+        raise protocol.ProtocolError("bad_input", "params.video_path must name a file inside "
+                                     "the backend's input folder", field)
+    if not resolved.is_file():
+        raise protocol.ProtocolError("bad_input", f"params.video_path: no file {path!r} in the "
+                                     "backend's input folder", field)
+    return str(resolved)
 
 
 def read_video(path: str, num_frames: int) -> np.ndarray:  # -> [T, H, W, 3] uint8
@@ -104,7 +133,8 @@ def run_generate(ctx: JobContext, inputs: dict[str, Any]) -> None:
         ctx.progress("input", 0, 1, "reading the input video")
         video = read_video(inputs["video_path"], T)
         _check_video_aspect(video, intr)
-    models = pipeline_models(ctx, params, need_diffusion=True)
+    fitting = settings.fit != "off"
+    models = pipeline_models(ctx, params, need_diffusion=True, need_recon=not fitting)
     frame = inputs["frame"]
     c2w_n = frame.to_normalised(c2w)
     try:
@@ -118,11 +148,39 @@ def run_generate(ctx: JobContext, inputs: dict[str, Any]) -> None:
     grid_u8 = pipeline.tensor_to_uint8(grid)  # [V, T, h, w, 3]
     pipeline.write_grid(ctx.out_dir / "grid", grid_u8, fps=params["fps"])
     ctx.result({"grid": grid_u8}, content="grid", index=0, of=1)
-    seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, intr, settings,
-                                    progress_reporter(ctx), ctx.job.cancel_event.is_set)
+    if fitting:
+        seq = run_fit(ctx, _generate_cells(video, inputs["freeze"], grid, settings),
+                      c2w_n, intr, settings)
+    else:
+        seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, intr,
+                                        settings, progress_reporter(ctx))
     ctx.check_cancelled()
     send_gaussians(ctx, seq, frame)
     ctx.progress("done", 1, 1, f"{V} views x {T} timesteps")
+
+
+def _generate_cells(video: np.ndarray, freeze: np.ndarray | None, grid, settings) -> list:
+    """The fit's cells: the input video (row 0) and the freeze-time column at their own
+    resolution with weight 1, the generated cells at the model's with `generated_weight`."""
+    from backend.pipeline import FitCells
+
+    V, T = grid.shape[:2]
+    row = np.zeros((V, T, *video.shape[1:]), np.uint8)
+    row[0] = video
+    weights = np.zeros((V, T), np.float32)
+    weights[0] = 1.0
+    cells = [FitCells(row, weights)]
+    given = weights > 0
+    if freeze is not None:
+        column = np.zeros((V, T, *freeze.shape[1:]), np.uint8)
+        column[1:, 0] = freeze[1:]
+        column_weights = np.zeros((V, T), np.float32)
+        column_weights[1:, 0] = 1.0
+        cells.append(FitCells(column, column_weights))
+        given |= column_weights > 0
+    if settings.generated_weight > 0:
+        cells.append(FitCells(grid, np.where(given, 0.0, settings.generated_weight)))
+    return cells
 
 
 def _check_video_aspect(video: np.ndarray, intr: np.ndarray) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from backend import protocol
 from backend.kinds.base import JobKind, check_array_names
 from backend.kinds.common import (
@@ -18,6 +20,7 @@ from backend.kinds.common import (
     grid_rig,
     pipeline_models,
     progress_reporter,
+    run_fit,
     send_gaussians,
 )
 from backend.worker import JobContext
@@ -37,16 +40,20 @@ def run_reconstruct(ctx: JobContext, inputs: dict[str, Any]) -> None:
 
     params = inputs["params"]
     settings = pipeline.GenerateSettings.from_params(params)
-    models = pipeline_models(ctx, params, need_diffusion=False)
     frame = inputs["frame"]
     c2w_n = frame.to_normalised(inputs["c2w"])
-    size = tuple(models["reconstruction"].config.image_size)
-    grid = pipeline.frames_to_tensor(inputs["images"], size)  # [V, T, 3, h, w]
-    seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, inputs["intrinsics"],
-                                    settings, progress_reporter(ctx), ctx.job.cancel_event.is_set)
+    V, T = inputs["c2w"].shape[:2]
+    if settings.fit != "off":  # every given cell, at the user's resolution
+        cells = [pipeline.FitCells(inputs["images"], np.ones((V, T), np.float32))]
+        seq = run_fit(ctx, cells, c2w_n, inputs["intrinsics"], settings)
+    else:
+        models = pipeline_models(ctx, params, need_diffusion=False)
+        size = tuple(models["reconstruction"].config.image_size)
+        grid = pipeline.frames_to_tensor(inputs["images"], size)  # [V, T, 3, h, w]
+        seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n,
+                                        inputs["intrinsics"], settings, progress_reporter(ctx))
     ctx.check_cancelled()
     send_gaussians(ctx, seq, frame)
-    V, T = inputs["c2w"].shape[:2]
     ctx.progress("done", 1, 1, f"{V} views x {T} timesteps")
 
 

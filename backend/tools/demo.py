@@ -53,7 +53,8 @@ class DemoConfig:
     steps: int = 1  # diffusion sampler steps (the shipped model is best in one)
     seed: int = 0
     setting: str = "row_and_column"
-    refine_steps: int = 0
+    fit: str = "fast"  # the fitting stage's preset ("off": feed-forward reconstruction only)
+    fit_seconds: float = 0.0
     device: str = "auto"
     timeout_s: float = 1800.0
 
@@ -356,7 +357,7 @@ def run(config: DemoConfig) -> dict:
         settings.input_source = "RENDER"
         settings.render_folder = str(out / "input")
         settings.steps, settings.seed = config.steps, config.seed
-        settings.refine_steps = config.refine_steps
+        settings.fit_preset, settings.fit_seconds = config.fit, config.fit_seconds
         if bpy.ops.fourreal.generate() != {"FINISHED"}:
             raise RuntimeError("the Generate operator failed: "
                                f"{bpy.context.window_manager.fourreal_status.job_error}")
@@ -463,10 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.tools.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=defaults.out)
-    for name in ("views", "frames", "resolution", "samples", "steps", "seed", "refine_steps"):
+    for name in ("views", "frames", "resolution", "samples", "steps", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int,
                             default=getattr(defaults, name))
     parser.add_argument("--setting", choices=SETTINGS, default=defaults.setting)
+    parser.add_argument("--fit", choices=("off", "fast", "default", "quality"),
+                        default=defaults.fit, help="the fitting stage's preset")
+    parser.add_argument("--fit-seconds", type=float, default=defaults.fit_seconds,
+                        help="time budget of the fit (0: the preset's steps)")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s)
     args = parser.parse_args(argv)

@@ -8,7 +8,8 @@ folder linked into Blender), this package reads them from the checkout's `backen
 
 from pathlib import Path
 
-SHARED_MODULES = ("protocol", "client", "gaussians", "job_params", "rigs")  # build.py reads this list
+# build.py reads this list
+SHARED_MODULES = ("protocol", "client", "gaussians", "job_params", "rigs")
 
 _HERE = Path(__file__).resolve().parent
 _CHECKOUT_BACKEND = _HERE.parent.parent / "backend"
