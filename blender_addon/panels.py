@@ -122,7 +122,7 @@ class FOURREAL_PT_result(_Panel, bpy.types.Panel):
         layout.label(text=f"{asset.name}: {len(pointcloud.timestep_objects(asset))} timesteps")
         node = pointcloud.asset_group_of(asset).nodes["Settings"]
         for name in ("Viewport Splats", "Render Splats", "Viewport Ratio", "Sigma Extent",
-                     "Splat Subdivisions"):
+                     "Splat Subdivisions", "Dilation", "Blend Stored Values"):
             layout.prop(node.inputs[name], "default_value", text=name)
         layout.separator()
         layout.label(text="Defaults for new imports:")

@@ -82,11 +82,10 @@ class FourRealSettings(bpy.types.PropertyGroup):
         name="Render Folder", subtype="DIR_PATH",
         description="Where rig renders are written (empty: a temporary folder)")
     # Import of results
-    viewport_display: EnumProperty(name="Viewport", items=DISPLAY_MODES, default="POINTS")
+    viewport_display: EnumProperty(name="Viewport", items=DISPLAY_MODES, default="SPLATS")
     render_display: EnumProperty(name="Render", items=DISPLAY_MODES, default="SPLATS")
     viewport_ratio: FloatProperty(name="Viewport Ratio", default=1.0, min=0.001, max=1.0,
                                   subtype="FACTOR")
-    sigma_extent: FloatProperty(name="Splat Size (sigma)", default=3.0, min=0.5, max=5.0)
 
 
 class FourRealStatus(bpy.types.PropertyGroup):
