@@ -15,29 +15,12 @@ from backend.fit.density import GradientStats, densify_and_prune
 from backend.fit.init import plane_sweep_init
 from backend.fit.losses import nearest_neighbours, neighbour_weights, rigidity_losses
 from backend.fit.state import FitGaussians, quat_multiply, quat_to_matrix
-from backend.gaussians import SH_C0, Gaussians
+from backend.gaussians import Gaussians
 from backend.render import rasterize_gaussians
+from backend.tools.bench.fit import SKY, textured_scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-BACKGROUND = torch.tensor([0.55, 0.7, 0.9])
-
-
-def textured_scene(seed: int = 0, blob_offset=(0.0, 0.0, 0.2)) -> Gaussians:
-    """A ground of small flat Gaussians with a random texture and a red blob above it."""
-    rng = np.random.default_rng(seed)
-    xs = np.linspace(-2, 2, 40)
-    X, Y = np.meshgrid(xs, xs)
-    ground = np.stack([X.ravel(), Y.ravel(), np.full(X.size, -0.5)], 1)
-    ground_colour = rng.uniform(0.05, 0.95, (X.size, 3))
-    blob = rng.normal(size=(300, 3)) * 0.2 + blob_offset
-    means = np.concatenate([ground, blob]).astype(np.float32)
-    colours = np.concatenate([ground_colour, np.tile([0.9, 0.15, 0.1], (300, 1))])
-    log_scales = np.concatenate([np.tile(np.log([0.06, 0.06, 0.01]), (X.size, 1)),
-                                 np.full((300, 3), np.log(0.06))])
-    n = len(means)
-    return Gaussians(means=means, quats=np.tile([1.0, 0, 0, 0], (n, 1)),
-                     log_scales=log_scales, opacity_logits=np.full(n, 4.0),
-                     sh0=(colours - 0.5) / SH_C0)
+BACKGROUND = torch.tensor(SKY)
 
 
 def ring(num: int, size: int, height: float = 2.0, start: float = 0.0):
