@@ -158,3 +158,15 @@ def test_targets_and_configs_refuse_bad_input():
         c2w, intr = ring(2, 8)
         fit_gaussians([FitTarget(torch.zeros(2, 1, 3, 8, 8), torch.tensor(c2w)[:, None].float(),
                                  torch.tensor(intr)[:, None].float(), torch.zeros(2, 1))])
+
+
+@pytest.mark.gpu
+def test_fit_runs_on_cuda_through_gsplat():
+    scene = textured_scene()
+    c2w, intr = ring(8, 64)
+    tgt = target(renders(scene, c2w, intr), c2w, intr)
+    config = FitConfig.preset("fast", init_resolution=64)
+    seq, background, report = fit_gaussians([tgt], config, device="cuda")
+    fitted = rasterize_gaussians(seq[0], c2w, intr, background=background).rgb
+    assert psnr(fitted.permute(0, 3, 1, 2), renders(scene, c2w, intr)) > 30.0
+    assert report.steps["fit"] == config.static_steps

@@ -27,14 +27,15 @@ class GradientStats:
     total: Tensor = field(default_factory=lambda: torch.zeros(0))  # [N]
     count: Tensor = field(default_factory=lambda: torch.zeros(0))  # [N]
 
-    def reset(self, n: int) -> None:
-        self.total, self.count = torch.zeros(n), torch.zeros(n)
+    def reset(self, n: int, device: torch.device | str = "cpu") -> None:
+        self.total = torch.zeros(n, device=device)
+        self.count = torch.zeros(n, device=device)
 
     def add(self, grad: Tensor, means: Tensor, viewmats: Tensor, Ks: Tensor,
             width: int) -> None:
         """grad/means [N, 3] world; viewmats [C, 4, 4], Ks [C, 3, 3] of the step's cameras."""
         if len(self.total) != len(means):
-            self.reset(len(means))
+            self.reset(len(means), means.device)
         with torch.no_grad():
             z = (means @ viewmats[:, 2, :3].T + viewmats[:, 2, 3]).clamp(min=1e-6)  # [N, C]
             pixels = (z / Ks[:, 0, 0]).mean(dim=1)  # world units per pixel
@@ -53,14 +54,15 @@ def densify_and_prune(g: FitGaussians, stats: GradientStats, grad_threshold: flo
     """One round of density control on every timestep at once; returns what it did."""
     with torch.no_grad():
         n = len(g)
-        grads = stats.mean() if len(stats.total) == n else torch.zeros(n)
+        device = g.log_scales.device
+        grads = stats.mean() if len(stats.total) == n else torch.zeros(n, device=device)
         scales = torch.exp(g.log_scales)
         largest = scales.max(dim=-1).values
         chosen = grads > grad_threshold
         room = max(max_count - n, 0)
         if int(chosen.sum()) > room // SPLIT_COUNT:  # the highest gradients first
             order = torch.argsort(grads, descending=True)[:room // SPLIT_COUNT]
-            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen = torch.zeros(n, dtype=torch.bool, device=device)
             chosen[order] = True
         clone = chosen & (largest <= split_size)
         split = chosen & (largest > split_size)
@@ -72,14 +74,14 @@ def densify_and_prune(g: FitGaussians, stats: GradientStats, grad_threshold: flo
         keep[:n] &= ~split  # a split Gaussian is replaced by its two halves
         pruned = int((~keep[:n]).sum()) - int(split.sum())
         g.select(keep)
-        stats.reset(len(g))
+        stats.reset(len(g), device)
     return {"cloned": int(clone.sum()), "split": int(split.sum()), "pruned": pruned,
             "count": len(g)}
 
 
 def _padded(mask: Tensor, n: int) -> Tensor:
     """`mask` extended with False to length n (Gaussians appended since it was made)."""
-    return torch.cat([mask, torch.zeros(n - len(mask), dtype=torch.bool)])
+    return torch.cat([mask, torch.zeros(n - len(mask), dtype=torch.bool, device=mask.device)])
 
 
 def _clone(g: FitGaussians, mask: Tensor) -> None:
@@ -94,7 +96,7 @@ def _split(g: FitGaussians, mask: Tensor, generator: torch.Generator) -> None:
     if not mask.any():
         return
     scales = torch.exp(g.log_scales[mask]).repeat(SPLIT_COUNT, 1)  # [M*2, 3]
-    local = torch.randn(scales.shape, generator=generator) * scales  # in the Gaussian's axes
+    local = torch.randn(scales.shape, generator=generator).to(scales.device) * scales
     means, quats = [], []
     for m, q in zip(g.means, g.quats, strict=True):  # the same child at every timestep
         rot = quat_to_matrix(q[mask]).repeat(SPLIT_COUNT, 1, 1)
@@ -108,5 +110,6 @@ def _split(g: FitGaussians, mask: Tensor, generator: torch.Generator) -> None:
 def reset_opacity(g: FitGaussians, ceiling: float = 0.01) -> None:
     """3DGS's opacity reset: every opacity at most `ceiling`, so floaters must re-earn it."""
     with torch.no_grad():
-        capped = torch.minimum(g.opacity_logits, inverse_sigmoid(torch.tensor(ceiling)))
+        ceiling_logit = inverse_sigmoid(torch.tensor(ceiling, device=g.opacity_logits.device))
+        capped = torch.minimum(g.opacity_logits, ceiling_logit)
         g.opacity_logits = capped.clone().requires_grad_()

@@ -93,7 +93,7 @@ class _Fitter:
     def _pick(self, cells: list[tuple[int, int]]) -> list[tuple[int, int]]:
         if len(cells) <= self.config.views_per_step:
             return cells
-        order = torch.randperm(len(cells), generator=self.generator)
+        order = torch.randperm(len(cells), generator=self.generator)  # CPU generator
         return [cells[i] for i in order[:self.config.views_per_step].tolist()]
 
     def _render_loss(self, g: FitGaussians, t: int, cells: list[tuple[int, int]],

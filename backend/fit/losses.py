@@ -28,11 +28,13 @@ def nearest_neighbours(points: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """points [N, 3] -> indices [N, k] of the k nearest other points and their distances."""
     k = min(k, len(points) - 1)
     if k < 1:
-        return torch.zeros(len(points), 0, dtype=torch.long), torch.zeros(len(points), 0)
+        return (torch.zeros(len(points), 0, dtype=torch.long, device=points.device),
+                torch.zeros(len(points), 0, device=points.device))
     indices, distances = [], []
     for start in range(0, len(points), KNN_CHUNK):
         d = torch.cdist(points[start:start + KNN_CHUNK], points)
-        d[torch.arange(d.shape[0]), torch.arange(start, start + d.shape[0])] = float("inf")
+        rows = torch.arange(d.shape[0], device=points.device)
+        d[rows, rows + start] = float("inf")
         value, index = d.topk(k, dim=1, largest=False)
         indices.append(index)
         distances.append(value)

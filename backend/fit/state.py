@@ -38,12 +38,12 @@ class FitGaussians:
                     num_steps: int = 1) -> FitGaussians:
         """Round Gaussians at `means` [N, 3] with `colors` [N, 3], `sizes` [N] (sigma) and
         one opacity, the same at each of `num_steps` timesteps."""
-        n = len(means)
-        quats = torch.zeros(n, 4)
+        n, device = len(means), means.device
+        quats = torch.zeros(n, 4, device=device)
         quats[:, 0] = 1
         log_scales = torch.log(sizes.clamp(min=SCALE_FLOOR))[:, None].expand(n, 3)
         return cls(means.float(), quats, log_scales.float(),
-                   inverse_sigmoid(torch.full((n,), opacity)),
+                   inverse_sigmoid(torch.full((n,), opacity, device=device)),
                    ((colors.float() - 0.5) / SH_C0), num_steps)
 
     def __len__(self) -> int:
@@ -86,12 +86,12 @@ class FitGaussians:
     def to_gaussians(self) -> list[Gaussians]:
         """One Gaussians container per timestep, index i the same Gaussian in each."""
         with torch.no_grad():
-            shared = {"log_scales": self.log_scales.float().numpy(),
-                      "opacity_logits": self.opacity_logits.float().numpy(),
-                      "sh0": self.sh0.float().numpy()}
-            return [Gaussians(means=m.float().numpy(),
-                              quats=torch.nn.functional.normalize(q, dim=-1).float().numpy(),
-                              **shared)
+            def array(x: Tensor):
+                return x.detach().float().cpu().numpy()
+            shared = {"log_scales": array(self.log_scales),
+                      "opacity_logits": array(self.opacity_logits), "sh0": array(self.sh0)}
+            return [Gaussians(means=array(m),
+                              quats=array(torch.nn.functional.normalize(q, dim=-1)), **shared)
                     for m, q in zip(self.means, self.quats, strict=True)]
 
 
@@ -105,7 +105,7 @@ def quat_multiply(a: Tensor, b: Tensor) -> Tensor:  # [..., 4] (w, x, y, z) each
 
 
 def quat_conjugate(q: Tensor) -> Tensor:
-    return q * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=q.dtype)
+    return q * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=q.dtype, device=q.device)
 
 
 def quat_to_matrix(q: Tensor) -> Tensor:  # [..., 4] -> [..., 3, 3]
