@@ -108,12 +108,17 @@ def progress_reporter(ctx: JobContext):
     return report
 
 
-def send_gaussians(ctx: JobContext, seq, frame) -> None:
+def send_gaussians(ctx: JobContext, seq, frame, identities: bool = False) -> None:
+    """Send the Gaussians per timestep in the rig's world, one result each, and write them
+    as a PLY sequence. `identities`: Gaussian i is the same Gaussian at every timestep (the
+    fitting stage's persistent Gaussians: same count, shared colour, opacity and scales), so
+    the add-on imports them as one point set that moves; each result carries the flag."""
     from backend.gaussians import GaussianSequence, write_ply_sequence
 
     world = [frame.to_world(g) for g in seq]
     for t, g in enumerate(world):
-        ctx.result(g.to_arrays(), content="gaussians", index=t, of=len(world), frame=t)
+        ctx.result(g.to_arrays(), content="gaussians", index=t, of=len(world), frame=t,
+                   identities=bool(identities))
     write_ply_sequence(ctx.out_dir / "gaussians", GaussianSequence(world))
 
 

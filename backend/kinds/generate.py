@@ -155,7 +155,7 @@ def run_generate(ctx: JobContext, inputs: dict[str, Any]) -> None:
         seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, intr,
                                         settings, progress_reporter(ctx))
     ctx.check_cancelled()
-    send_gaussians(ctx, seq, frame)
+    send_gaussians(ctx, seq, frame, identities=fitting)
     ctx.progress("done", 1, 1, f"{V} views x {T} timesteps")
 
 

@@ -43,7 +43,8 @@ def run_reconstruct(ctx: JobContext, inputs: dict[str, Any]) -> None:
     frame = inputs["frame"]
     c2w_n = frame.to_normalised(inputs["c2w"])
     V, T = inputs["c2w"].shape[:2]
-    if settings.fit != "off":  # every given cell, at the user's resolution
+    fitting = settings.fit != "off"
+    if fitting:  # every given cell, at the user's resolution
         cells = [pipeline.FitCells(inputs["images"], np.ones((V, T), np.float32))]
         seq = run_fit(ctx, cells, c2w_n, inputs["intrinsics"], settings)
     else:
@@ -53,7 +54,7 @@ def run_reconstruct(ctx: JobContext, inputs: dict[str, Any]) -> None:
         seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n,
                                         inputs["intrinsics"], settings, progress_reporter(ctx))
     ctx.check_cancelled()
-    send_gaussians(ctx, seq, frame)
+    send_gaussians(ctx, seq, frame, identities=fitting)
     ctx.progress("done", 1, 1, f"{V} views x {T} timesteps")
 
 
