@@ -150,6 +150,15 @@ def _camera_layout(spec: SceneSpec, rng: np.random.Generator) -> dict:
             "clip": [0.1, 100.0]}
 
 
+def euler_xyz(angles) -> np.ndarray:
+    """[3, 3] rotation of Blender's XYZ Euler angles (X applied first)."""
+    (cx, cy, cz), (sx, sy, sz) = np.cos(angles), np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
 def scene_layout(spec: SceneSpec) -> dict:
     """What is where, from the seed alone (numpy only): objects, ground, sky, sun, cameras."""
     spec.check()
@@ -161,6 +170,10 @@ def scene_layout(spec: SceneSpec) -> dict:
         obj["location"] = [(start + s * (end - start)).tolist() for s in steps]
         obj["rotation_euler"] = [(np.add(obj["rotation"], s * np.array(obj["turn"]))).tolist()
                                  for s in steps]
+        # a point inside the solid (a torus's centre is in its hole): on the tube's core
+        local = [obj["major_radius"], 0.0, 0.0] if obj["kind"] == "torus" else [0.0, 0.0, 0.0]
+        obj["inside_point"] = [(np.add(loc, euler_xyz(rot) @ local)).tolist()
+                               for loc, rot in zip(obj["location"], obj["rotation_euler"])]
     ground = {"pattern": str(rng.choice(("checker", "brick", "tiles"))),
               "scale": rng.uniform(1.0, 3.0), "detail_scale": rng.uniform(6.0, 15.0),
               "colours": [_colour(rng, (0.1, 0.5), (0.5, 0.85)),
@@ -428,7 +441,8 @@ def _render_masks(bpy, scene, layout: dict, groups, frames: list[int]) -> None:
 
 
 def _write_cameras(path: Path, rig) -> None:
-    near_far = [float(rig.near_far[..., 0].min()), float(rig.near_far[..., 1].max())]
+    near_far = [round(float(rig.near_far[..., 0].min()), 6),
+                round(float(rig.near_far[..., 1].max()), 6)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"c2w": rig.c2w.tolist(), "intrinsics": rig.intrinsics.tolist(),
                                 "near_far": near_far}))
