@@ -229,6 +229,83 @@ def render_camera(scene: bpy.types.Scene, camera: bpy.types.Object, frames: list
     return inputs.render_rig(scene, [camera], frames, folder)[0]
 
 
+def world_color(scene: bpy.types.Scene, rgb=None) -> tuple:
+    """The world's background colour (its Background node's, as Blender 5 worlds use nodes);
+    set it to `rgb` when given. Returns the colour it had."""
+    world = scene.world
+    nodes = [n for n in world.node_tree.nodes if n.type == "BACKGROUND"] \
+        if world.node_tree is not None else []
+    old = tuple(nodes[0].inputs["Color"].default_value)[:3] if nodes else tuple(world.color)
+    if rgb is not None:
+        world.color = tuple(float(c) for c in rgb)
+        for node in nodes:
+            node.inputs["Color"].default_value = (*world.color, 1.0)
+    return old
+
+
+@dataclass
+class JobAsset:
+    """A finished job's imported asset and what the figures need of it."""
+
+    kind: str  # generate | reconstruct
+    root: str  # the asset's root object
+    job_dir: Path
+    fit: dict  # the job folder's fit.json ({} when the fit was off)
+    steps: list  # Gaussians per timestep, read back from the imported meshes
+
+    @property
+    def background(self) -> np.ndarray:  # [3] the fit's learned background (black if none)
+        return np.asarray(self.fit.get("background", (0.0, 0.0, 0.0)), np.float32)
+
+    def layer(self) -> bpy.types.LayerCollection:
+        collection = bpy.data.objects[self.root].users_collection[0]
+        return bpy.context.view_layer.layer_collection.children[collection.name]
+
+
+def run_job(operator, kind: str, timeout: float, log_tail) -> JobAsset:
+    """Press Generate or Reconstruct, pump until the job is done and imported."""
+    from blender_addon import jobs, pointcloud, runtime
+
+    if operator() != {"FINISHED"}:
+        raise RuntimeError(f"the {kind} operator failed: "
+                           f"{bpy.context.window_manager.fourreal_status.job_error}")
+    record = runtime.runner().latest()
+    pump(lambda: record.state in jobs.FINAL_STATES, timeout)
+    if record.state != "done" or "asset" not in record.context:
+        raise RuntimeError(f"{kind} ended {record.state}: {record.error_text or ''} "
+                           f"{record.message}\n{log_tail()}")
+    from backend.gaussians import Gaussians
+
+    root = bpy.data.objects[record.context["asset"]]
+    steps = [Gaussians.from_arrays(pointcloud.mesh_gaussians(o.data).to_arrays())
+             for o in pointcloud.timestep_objects(root)]
+    job_dir = Path(record.cache_dir)
+    fit = json.loads((job_dir / "fit.json").read_text()) if (job_dir / "fit.json").is_file() \
+        else {}
+    return JobAsset(kind, root.name, job_dir, fit, steps)
+
+
+def render_asset_alone(scene: bpy.types.Scene, camera: bpy.types.Object, frames: list[int],
+                       folder: Path, asset: JobAsset, assets: list[JobAsset]) -> np.ndarray:
+    """Cycles render of one imported asset alone, as the rasterizer renders it: the scene's
+    objects and the other assets hidden, the world set to the fit's learned background (Raw,
+    set on import, shows it as stored), a 0.01 px box filter (pixel centres). [T, H, W, 3]"""
+    cycles = scene.cycles
+    saved = (cycles.pixel_filter_type, cycles.filter_width, world_color(scene, asset.background))
+    for other in assets:
+        other.layer().exclude = other is not asset
+    hide_scene_content(True)
+    cycles.pixel_filter_type, cycles.filter_width = "BOX", 0.01
+    try:
+        return render_camera(scene, camera, frames, folder)
+    finally:
+        hide_scene_content(False)
+        cycles.pixel_filter_type, cycles.filter_width = saved[:2]
+        world_color(scene, saved[2])
+        for other in assets:
+            other.layer().exclude = False
+
+
 def score(prediction, truth, cells) -> dict[str, float]:
     """Mean PSNR/SSIM over the chosen cells; prediction, truth [V, T, 3, h, w] tensors."""
     from backend.train.evaluate import scored_cells
@@ -237,9 +314,11 @@ def score(prediction, truth, cells) -> dict[str, float]:
     return {"psnr": round(float(psnr.mean()), 3), "ssim": round(float(ssim.mean()), 4)}
 
 
-def render_gaussians_at(steps, c2w: np.ndarray, intr: np.ndarray, size: tuple[int, int]):
+def render_gaussians_at(steps, c2w: np.ndarray, intr: np.ndarray, size: tuple[int, int],
+                        background: np.ndarray | None = None):
     """Our rasterizer's renders of Gaussians per timestep at cameras c2w [V, T, 4, 4],
-    intrinsics [V, T, 6] scaled to `size`: [V, T, 3, h, w] in [0, 1]."""
+    intrinsics [V, T, 6] scaled to `size`, over `background` [3] (default black):
+    [V, T, 3, h, w] in [0, 1]."""
     import torch
 
     from backend.cameras import scale_intrinsics
@@ -247,28 +326,57 @@ def render_gaussians_at(steps, c2w: np.ndarray, intr: np.ndarray, size: tuple[in
 
     h, w = size
     intr = scale_intrinsics(np.asarray(intr, np.float64), w, h).astype(np.float32)
+    bg = torch.zeros(3) if background is None else torch.as_tensor(background).float()
     V, T = c2w.shape[:2]
     out = torch.zeros(V, T, 3, h, w)
     with torch.no_grad():
         for t, g in enumerate(steps):
             rendered = rasterize_gaussians(g, c2w[:, t].astype(np.float32), intr[:, t],
-                                           device="cpu",
-                                           background=torch.zeros(3))
+                                           device="cpu", background=bg)
             out[:, t] = rendered.rgb.permute(0, 3, 1, 2).float().clamp(0, 1)
     return out
 
 
-def write_comparison(folder: Path, truth, generated, rendered, given: np.ndarray) -> Path:
-    """One image: rows of Blender's renders | the generated grid | renders of the imported
-    Gaussians, each a V x T grid of frames (given cells framed in white)."""
+def asset_figures(asset: JobAsset, cameras, novel, truth, truth_novel, cycles_novel,
+                  generated_cells=None) -> tuple[dict[str, dict], object]:
+    """The asset's Gaussians through our rasterizer (over the fit's background) at the rig
+    views and at the novel view against Blender's renders of the scene, and the novel view
+    against Cycles' render of the imported asset; all at the render resolution. `cameras`,
+    `novel`: extracted rigs; truth [V, T, 3, H, W], truth_novel [1, T, 3, H, W] tensors,
+    cycles_novel [T, H, W, 3] uint8. Returns the figures and the rig-view renders."""
+    import torch
+
+    from backend import pipeline
+
+    size = tuple(truth.shape[-2:])
+    rig_views = render_gaussians_at(asset.steps, cameras.c2w, cameras.intrinsics, size,
+                                    asset.background)
+    at_novel = render_gaussians_at(asset.steps, novel.c2w, novel.intrinsics, size,
+                                   asset.background)
+    quantised = (at_novel * 255).round() / 255  # as the 8-bit Cycles render is
+    every_frame = torch.ones(at_novel.shape[:2], dtype=torch.bool)
+    figures = {
+        "rig_views": score(rig_views, truth, torch.ones(truth.shape[:2], dtype=torch.bool)),
+        "novel_view": score(at_novel, truth_novel, every_frame),
+        "cycles_vs_rasterizer": score(pipeline.frames_to_tensor(cycles_novel[None], size),
+                                      quantised, every_frame),
+    }
+    if generated_cells is not None:
+        figures["generated_cells"] = score(rig_views, truth, generated_cells)
+    return figures, rig_views
+
+
+def write_comparison(folder: Path, rows: list, given: np.ndarray, cell: int) -> Path:
+    """One image of V x T grids of frames [V, T, 3, h, w] in [0, 1], one above the other
+    (each cell resized to `cell` px; given cells framed in white)."""
     import imageio.v3 as iio
 
-    from backend.pipeline import tensor_to_uint8
+    from backend.pipeline import resize_frames, tensor_to_uint8
 
     folder.mkdir(parents=True, exist_ok=True)
     panels = []
-    for grid in (truth, generated, rendered):
-        frames = tensor_to_uint8(grid)  # [V, T, h, w, 3]
+    for grid in rows:
+        frames = tensor_to_uint8(resize_frames(grid, (cell, cell)))  # [V, T, h, w, 3]
         V, T, h, w, _ = frames.shape
         padded = np.zeros((V, T, h + 2, w + 2, 3), np.uint8)
         padded[:, :, 1:-1, 1:-1] = frames
@@ -283,28 +391,20 @@ def write_comparison(folder: Path, truth, generated, rendered, given: np.ndarray
     return path
 
 
-def write_render_strip(path: Path, truth: np.ndarray, rendered: np.ndarray) -> Path:
-    """Blender's render of the scene (top row) and of the imported Gaussians (bottom row),
-    one column per frame: [T, H, W, 3] each."""
+def write_render_strip(path: Path, rows: list[np.ndarray]) -> Path:
+    """Rows of frames [T, H, W, 3] uint8 (Blender's render of the scene, then Cycles'
+    renders of the imported assets), one column per frame."""
     import imageio.v3 as iio
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [np.concatenate(list(frames), axis=1) for frames in (truth, rendered)]
-    iio.imwrite(path, np.concatenate(rows, axis=0))
+    lines = [np.concatenate(list(frames), axis=1) for frames in rows]
+    iio.imwrite(path, np.concatenate(lines, axis=0))
     return path
 
 
 # --------------------------------------------------------------------------------- run
 
-def run(config: DemoConfig) -> dict:
-    import blender_addon
-    from backend import pipeline
-    from backend.gaussians import Gaussians
-    from blender_addon import backend_process, jobs, pointcloud, rig, runtime
-
-    if config.setting not in SETTINGS:
-        raise ValueError(f"--setting must be one of {SETTINGS}, got {config.setting!r}")
-    out = Path(config.out)
+def prepare_out(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / "report.json").is_file() and not (out / DEMO_MARKER).is_file():
             raise ValueError(f"--out {out} is not empty and holds no earlier demo: choose "
@@ -313,6 +413,80 @@ def run(config: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text(
         "written by python -m backend.tools.demo; replaced on each run\n")
+
+
+def start_backend(out: Path, config: DemoConfig):
+    """The add-on starts the backend as a child process; returns it once it is ready."""
+    from blender_addon import backend_process, runtime
+
+    run_ = runtime.runner()
+    local = backend_process.LocalBackend(backend_process.LocalBackendConfig(
+        cache_dir=str(out / "backend-cache"), device=config.device))
+    run_.start_local(local)
+    runtime.ensure_polling()
+    pump(lambda: run_.backend_state in ("ready", "dead", "unreachable"), 300)
+    if run_.backend_state != "ready":
+        raise RuntimeError(f"backend {run_.backend_state}: {run_.backend_error}\n"
+                           f"{local.log_tail()}")
+    return local, run_.backend_info.get("device", "?")
+
+
+VIEW_SETTINGS = ("view_transform", "look", "exposure", "gamma")
+
+
+def run_both_jobs(scene, out: Path, config: DemoConfig, log_tail, lap) -> list[JobAsset]:
+    """Generate, then Reconstruct on the same rig and frames. Each operator renders its
+    inputs from the scene as the user left it: Generate's import switches the view transform
+    to Raw and adds an asset, so both are undone for Reconstruct's renders."""
+    settings = scene.fourreal
+    view = scene.view_settings
+    saved_view = tuple(getattr(view, k) for k in VIEW_SETTINGS)
+    settings.input_source = "RENDER"
+    settings.render_folder = str(out / "input")
+    settings.steps, settings.seed = config.steps, config.seed
+    settings.fit_preset, settings.fit_seconds = config.fit, config.fit_seconds
+    generated = run_job(bpy.ops.fourreal.generate, "generate", config.timeout_s, log_tail)
+    lap("generate_and_import")
+    generated.layer().exclude = True
+    for key, value in zip(VIEW_SETTINGS, saved_view):
+        setattr(view, key, value)
+    settings.render_folder = str(out / "reconstruct-input")
+    reconstructed = run_job(bpy.ops.fourreal.reconstruct, "reconstruct", config.timeout_s,
+                            log_tail)
+    generated.layer().exclude = False
+    lap("reconstruct_and_import")
+    return [generated, reconstructed]
+
+
+def export_and_render(scene, out: Path, assets: list[JobAsset], novel, frames: list[int],
+                      truth_novel: np.ndarray) -> list[np.ndarray]:
+    """PLY sequences of both assets, Cycles renders of each at the novel view, render.mp4,
+    docs/render.png and the .blend (the Reconstruct asset excluded from its view layer)."""
+    from backend import pipeline
+
+    for asset, folder in zip(assets, ("gaussians", "gaussians-reconstruct")):
+        bpy.context.view_layer.objects.active = bpy.data.objects[asset.root]
+        if bpy.ops.fourreal.export_ply_sequence(filepath=str(out / folder)) != {"FINISHED"}:
+            raise RuntimeError(f"the PLY export operator failed on the {asset.kind} asset")
+    renders = [render_asset_alone(scene, novel, frames, out / "render" / a.kind, a, assets)
+               for a in assets]
+    pipeline.write_mp4(out / "render.mp4", np.concatenate([truth_novel, *renders], axis=2),
+                       fps=scene.render.fps)
+    write_render_strip(out / "docs" / "render.png", [truth_novel, *renders])
+    shutil.copy(assets[0].job_dir / "grid" / "grid.mp4", out / "grid.mp4")
+    assets[1].layer().exclude = True
+    bpy.ops.wm.save_as_mainfile(filepath=str(out / "scene.blend"))
+    return renders
+
+
+def run(config: DemoConfig) -> dict:
+    import blender_addon
+    from blender_addon import inputs, runtime
+
+    if config.setting not in SETTINGS:
+        raise ValueError(f"--setting must be one of {SETTINGS}, got {config.setting!r}")
+    out = Path(config.out)
+    prepare_out(out)
     timings: dict[str, float] = {}
     started = clock = time.perf_counter()
 
@@ -329,107 +503,28 @@ def run(config: DemoConfig) -> dict:
         cameras = add_rig(config)
         novel = add_novel_camera(scene, cameras)
         frames = list(range(1, config.frames + 1))
-        extracted = rig.extract_rig(scene, cameras, 1, config.frames, 1)
         lap("scene")
-
-        from blender_addon import inputs
-
         truth = inputs.render_rig(scene, cameras, frames, out / "blender" / "rig")
         truth_novel = render_camera(scene, novel, frames, out / "blender" / "novel")
-        settings = scene.fourreal
         if config.setting == "row_and_column":
             write_png_folder(out / "blender" / "freeze", truth[:, 0])
-            settings.freeze_folder = str(out / "blender" / "freeze")
+            scene.fourreal.freeze_folder = str(out / "blender" / "freeze")
         lap("render_truth")
-
-        run_ = runtime.runner()
-        local = backend_process.LocalBackend(backend_process.LocalBackendConfig(
-            cache_dir=str(out / "backend-cache"), device=config.device))
-        run_.start_local(local)
-        runtime.ensure_polling()
-        pump(lambda: run_.backend_state in ("ready", "dead", "unreachable"), 300)
-        if run_.backend_state != "ready":
-            raise RuntimeError(f"backend {run_.backend_state}: {run_.backend_error}\n"
-                               f"{local.log_tail()}")
-        device = run_.backend_info.get("device", "?")
+        local, device = start_backend(out, config)
         lap("backend_start")
-
-        settings.input_source = "RENDER"
-        settings.render_folder = str(out / "input")
-        settings.steps, settings.seed = config.steps, config.seed
-        settings.fit_preset, settings.fit_seconds = config.fit, config.fit_seconds
-        if bpy.ops.fourreal.generate() != {"FINISHED"}:
-            raise RuntimeError("the Generate operator failed: "
-                               f"{bpy.context.window_manager.fourreal_status.job_error}")
-        record = run_.latest()
-        pump(lambda: record.state in jobs.FINAL_STATES, config.timeout_s)
-        if record.state != "done" or "asset" not in record.context:
-            raise RuntimeError(f"generate ended {record.state}: {record.error_text or ''} "
-                               f"{record.message}\n{local.log_tail()}")
-        lap("generate_and_import")
-
-        asset = bpy.data.objects[record.context["asset"]]
-        bpy.context.view_layer.objects.active = asset
-        gaussians_dir = out / "gaussians"
-        if bpy.ops.fourreal.export_ply_sequence(filepath=str(gaussians_dir)) != {"FINISHED"}:
-            raise RuntimeError("the PLY export operator failed")
-        job_dir = Path(record.cache_dir)
-        shutil.copy(job_dir / "grid" / "grid.mp4", out / "grid.mp4")
-        grid = np.load(job_dir / "grid" / "grid.npy")  # [V, T, h, w, 3] uint8
-        steps = [Gaussians.from_arrays(pointcloud.mesh_gaussians(o.data).to_arrays())
-                 for o in pointcloud.timestep_objects(asset)]
-        hide_scene_content(True)
-        gaussian_render = render_camera(scene, novel, frames, out / "render")
-        hide_scene_content(False)
-        pipeline.write_mp4(out / "render.mp4",
-                           np.concatenate([truth_novel, gaussian_render], axis=2),
-                           fps=scene.render.fps)
-        write_render_strip(out / "docs" / "render.png", truth_novel, gaussian_render)
-        bpy.ops.wm.save_as_mainfile(filepath=str(out / "scene.blend"))
+        assets = run_both_jobs(scene, out, config, local.log_tail, lap)
+        renders = export_and_render(scene, out, assets, novel, frames, truth_novel)
         lap("export_render_save")
-
-        size = grid.shape[2:4]
-        truth_small = pipeline.frames_to_tensor(truth, size)  # [V, T, 3, h, w]
-        generated = pipeline.frames_to_tensor(grid, size)
-        given = np.zeros(grid.shape[:2], dtype=bool)
-        given[0] = True
-        if config.setting == "row_and_column":
-            given[:, 0] = True
-        import torch
-
-        cells = torch.from_numpy(~given)
-        copy = truth_small[:, :1].expand_as(truth_small) if config.setting == "row_and_column" \
-            else truth_small[:1].expand_as(truth_small)
-        gen_score, copy_score = score(generated, truth_small, cells), score(copy, truth_small,
-                                                                             cells)
-        rendered = render_gaussians_at(steps, extracted.c2w, extracted.intrinsics, size)
-        all_cells = torch.ones(grid.shape[:2], dtype=torch.bool)
-        recon_score = score(rendered, truth_small, all_cells)
-        recon_generated = score(rendered, truth_small, cells)
-        novel_rig = rig.extract_rig(scene, [novel], 1, config.frames, 1)
-        novel_truth = pipeline.frames_to_tensor(truth_novel[None], size)
-        novel_rendered = render_gaussians_at(steps, novel_rig.c2w, novel_rig.intrinsics, size)
-        novel_score = score(novel_rendered, novel_truth, torch.ones(1, config.frames,
-                                                                    dtype=torch.bool))
-        write_comparison(out / "docs", truth_small, generated, rendered, given)
+        report = quality(config, scene, cameras, novel, truth, truth_novel, assets, renders)
         lap("quality")
-        report = {
-            "setting": config.setting, "views": config.views, "timesteps": config.frames,
-            "model_size": list(size), "input_resolution": config.resolution,
-            "sampler_steps": config.steps, "seed": config.seed, "device": device,
-            "psnr_generated": gen_score["psnr"], "ssim_generated": gen_score["ssim"],
-            "psnr_copy_baseline": copy_score["psnr"], "ssim_copy_baseline": copy_score["ssim"],
-            "psnr_recon": recon_score["psnr"], "ssim_recon": recon_score["ssim"],
-            "psnr_recon_generated_cells": recon_generated["psnr"],
-            "ssim_recon_generated_cells": recon_generated["ssim"],
-            "psnr_recon_novel_view": novel_score["psnr"],
-            "ssim_recon_novel_view": novel_score["ssim"],
-            "gaussians_per_timestep": [len(g) for g in steps],
+        report.update({
+            "device": device,
             "timings_s": {**timings, "total": round(time.perf_counter() - started, 2)},
             "outputs": {name: str(out / name) for name in
-                        ("grid.mp4", "gaussians", "scene.blend", "render.mp4")},
-            "job_dir": str(job_dir),
-        }
+                        ("grid.mp4", "gaussians", "gaussians-reconstruct", "scene.blend",
+                         "render.mp4")},
+            "job_dirs": {a.kind: str(a.job_dir) for a in assets},
+        })
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         return report
     finally:
@@ -437,26 +532,87 @@ def run(config: DemoConfig) -> dict:
         blender_addon.unregister()
 
 
+def quality(config: DemoConfig, scene, cameras, novel, truth: np.ndarray,
+            truth_novel: np.ndarray, assets: list[JobAsset], renders: list[np.ndarray]) -> dict:
+    """Every figure of the report, and docs/comparison.png."""
+    import torch
+
+    from backend import pipeline
+    from blender_addon import rig
+
+    grid = np.load(assets[0].job_dir / "grid" / "grid.npy")  # [V, T, h, w, 3] uint8
+    size = grid.shape[2:4]
+    truth_small = pipeline.frames_to_tensor(truth, size)  # [V, T, 3, h, w]
+    generated = pipeline.frames_to_tensor(grid, size)
+    given = np.zeros(grid.shape[:2], dtype=bool)
+    given[0] = True
+    if config.setting == "row_and_column":
+        given[:, 0] = True
+    cells = torch.from_numpy(~given)
+    copy = truth_small[:, :1].expand_as(truth_small) if config.setting == "row_and_column" \
+        else truth_small[:1].expand_as(truth_small)
+    report = {
+        "setting": config.setting, "views": config.views, "timesteps": config.frames,
+        "model_size": list(size), "input_resolution": config.resolution,
+        "sampler_steps": config.steps, "seed": config.seed, "fit": config.fit,
+        "fit_seconds": config.fit_seconds, "cycles_samples": config.samples,
+    }
+    for name, figures in (("generated", score(generated, truth_small, cells)),
+                          ("copy_baseline", score(copy, truth_small, cells))):
+        report[f"psnr_{name}"], report[f"ssim_{name}"] = figures["psnr"], figures["ssim"]
+    rig_cams = rig.extract_rig(scene, cameras, 1, config.frames, 1)
+    novel_cam = rig.extract_rig(scene, [novel], 1, config.frames, 1)
+    full = (config.resolution, config.resolution)
+    truth_full = pipeline.frames_to_tensor(truth, full)
+    truth_novel_full = pipeline.frames_to_tensor(truth_novel[None], full)
+    rows = [truth_full, pipeline.resize_frames(generated, full)]
+    for asset, cycles_novel in zip(assets, renders):
+        figures, rig_views = asset_figures(
+            asset, rig_cams, novel_cam, truth_full, truth_novel_full, cycles_novel,
+            cells if asset.kind == "generate" else None)
+        rows.append(rig_views)
+        for name, values in figures.items():
+            report[f"psnr_{asset.kind}_{name}"] = values["psnr"]
+            report[f"ssim_{asset.kind}_{name}"] = values["ssim"]
+        report[f"fit_{asset.kind}"] = asset.fit
+        report[f"fit_s_{asset.kind}"] = round(sum(asset.fit.get("seconds", {}).values()), 2)
+        report[f"gaussians_per_timestep_{asset.kind}"] = [len(g) for g in asset.steps]
+    write_comparison(Path(config.out) / "docs", rows, given, min(64, config.resolution))
+    return report
+
+
 def summary(report: dict) -> str:
     t = report["timings_s"]
-    return "\n".join([
-        f"4Real demo: {report['views']} views x {report['timesteps']} timesteps at "
-        f"{report['model_size'][1]}x{report['model_size'][0]} ({report['setting']}, "
-        f"{report['sampler_steps']} sampler steps, {report['device']})",
-        f"  generated views vs Blender:  PSNR {report['psnr_generated']:.2f} dB  "
-        f"SSIM {report['ssim_generated']:.3f}",
-        f"  copy baseline vs Blender:    PSNR {report['psnr_copy_baseline']:.2f} dB  "
-        f"SSIM {report['ssim_copy_baseline']:.3f}",
-        f"  Gaussians at the rig views:  PSNR {report['psnr_recon']:.2f} dB  "
-        f"SSIM {report['ssim_recon']:.3f}",
-        f"  Gaussians at a novel view:   PSNR {report['psnr_recon_novel_view']:.2f} dB  "
-        f"SSIM {report['ssim_recon_novel_view']:.3f}",
-        f"  {sum(report['gaussians_per_timestep'])} Gaussians over {report['timesteps']} "
-        f"timesteps; total {t['total']:.0f} s (" + ", ".join(
+
+    def line(label: str, key: str) -> str:
+        return (f"  {label:<44} PSNR {report['psnr_' + key]:6.2f} dB  "
+                f"SSIM {report['ssim_' + key]:.3f}")
+
+    res = report["input_resolution"]
+    lines = [
+        f"4Real demo: {report['views']} views x {report['timesteps']} timesteps, Blender "
+        f"renders at {res}x{res}, model at {report['model_size'][1]}x"
+        f"{report['model_size'][0]} ({report['setting']}, {report['sampler_steps']} sampler "
+        f"steps, fit {report['fit']}, {report['device']})",
+        line("generated views vs Blender (model size)", "generated"),
+        line("copy baseline vs Blender (model size)", "copy_baseline"),
+    ]
+    for kind, label in (("generate", "Generate"), ("reconstruct", "Reconstruct")):
+        lines += [
+            f"  {label}: {sum(report['gaussians_per_timestep_' + kind])} Gaussians over "
+            f"{report['timesteps']} timesteps, fit {report['fit_s_' + kind]:.1f} s",
+            line("  Gaussians at the rig views vs Blender", f"{kind}_rig_views"),
+            line("  Gaussians at a novel view vs Blender", f"{kind}_novel_view"),
+            line("  novel view: Cycles vs our rasterizer", f"{kind}_cycles_vs_rasterizer"),
+        ]
+    lines += [
+        f"  total {t['total']:.0f} s (" + ", ".join(
             f"{k} {v:.0f} s" for k, v in t.items() if k != "total") + ")",
         f"  outputs in {Path(report['outputs']['grid.mp4']).parent}: grid.mp4, gaussians/, "
-        f"scene.blend, render.mp4, report.json, docs/comparison.png, docs/render.png",
-    ])
+        "gaussians-reconstruct/, scene.blend, render.mp4, report.json, docs/comparison.png, "
+        "docs/render.png",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,9 +625,9 @@ def main(argv: list[str] | None = None) -> int:
                             default=getattr(defaults, name))
     parser.add_argument("--setting", choices=SETTINGS, default=defaults.setting)
     parser.add_argument("--fit", choices=("off", "fast", "default", "quality"),
-                        default=defaults.fit, help="the fitting stage's preset")
+                        default=defaults.fit, help="the fitting stage's preset (both jobs)")
     parser.add_argument("--fit-seconds", type=float, default=defaults.fit_seconds,
-                        help="time budget of the fit (0: the preset's steps)")
+                        help="time budget of each job's fit (0: the preset's steps)")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s)
     args = parser.parse_args(argv)
