@@ -9,6 +9,7 @@
     python3 build.py bench NAME ...   run a benchmark (`bench --help` lists them)
     python3 build.py train [--nproc N] diffusion|recon ...   train a model (torchrun when N > 1)
     python3 build.py eval diffusion|recon|all ...            evaluate trained weights
+    python3 build.py eval fit [--scenes DIR --preset P]      the fitting stage on Blender scenes
     python3 build.py addon            build the Blender extension zip dist/fourreal_4d-<version>.zip
 
 Standard library only: it runs on a bare Python 3.11 and sets up everything else itself.
@@ -26,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -256,6 +258,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra[:1] == ["fit"]:  # the fitting stage on open Blender scenes
+        return run_in_venv(["-m", "backend.tools.fit_eval", *extra[1:]])
     return run_in_venv(["-m", "backend.train", "eval", *extra])
 
 
@@ -369,9 +373,57 @@ def manifest_with_wheels(text: str, wheels: list[Path]) -> str:
     return new
 
 
+# The backend travels in the zip as a wheel for the add-on's Install Backend (never installed into
+# Blender's own Python, so it is not in the manifest's `wheels`), with the pins `setup` tests.
+ADDON_BACKEND_FOLDER = "backend_wheel"
+
+
+def backend_constraints() -> list[str]:
+    """pip constraints for the installer: torch and the runtime pins. numpy 1.26.4 is bpy's pin
+    and has no wheels for Python 3.13+, where the backend takes any numpy its metadata allows."""
+    pins = [f"torch=={TORCH_VERSION}", *RUNTIME_REQUIREMENTS]
+    return [f'{pin}; python_version < "3.13"' if pin.startswith("numpy==") else pin
+            for pin in pins]
+
+
+def wheel_builder() -> tuple[list[str], list[str]]:
+    """(pip command, extra options) to build the backend wheel: an interpreter with setuptools
+    builds offline (--no-build-isolation), else pip fetches the build backend itself."""
+    for python in (sys.executable, str(venv_python())):
+        if Path(python).exists() and subprocess.run(
+                [python, "-c", "import pip, setuptools"], capture_output=True).returncode == 0:
+            return [python, "-m", "pip"], ["--no-build-isolation", "--no-index"]
+    return pip_command(), []
+
+
+def build_backend_wheel(folder: Path) -> Path:
+    """Build the backend package (what pyproject.toml installs, weights included) as a wheel
+    into `folder`, from a copy of the sources so the checkout gets no build/ or egg-info."""
+    pip, options = wheel_builder()
+    with tempfile.TemporaryDirectory(prefix="fourreal-wheel-") as tmp:
+        source = Path(tmp) / "src"
+        source.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(ROOT / name, source / name)
+        shutil.copytree(ROOT / "backend", source / "backend",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        out = subprocess.run([*pip, "wheel", "--disable-pip-version-check", "--no-deps",
+                              *options, "-w", str(Path(tmp) / "out"), str(source)],
+                             capture_output=True, text=True, env=tool_env())
+        wheels = sorted((Path(tmp) / "out").glob("fourreal_backend-*.whl"))
+        if out.returncode != 0 or len(wheels) != 1:
+            sys.exit(f"build.py addon: building the backend wheel failed:\n"
+                     f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / wheels[0].name
+        shutil.copy2(wheels[0], target)
+    return target
+
+
 def cmd_addon(args: argparse.Namespace, extra: list[str]) -> int:
     """Build dist/<id>-<version>.zip: the add-on's files less the manifest's exclusions, the
-    backend modules it shares (into vendor/) and pyzmq wheels for Linux, Windows and macOS."""
+    backend modules it shares (into vendor/), pyzmq wheels for Linux, Windows and macOS, and
+    the backend as a wheel with its pins (into backend_wheel/, for Install Backend)."""
     manifest = (ADDON_SOURCE / "blender_manifest.toml").read_text()
     addon_id, version = manifest_field(manifest, "id"), manifest_field(manifest, "version")
     patterns = manifest_excludes(manifest)
@@ -381,7 +433,9 @@ def cmd_addon(args: argparse.Namespace, extra: list[str]) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     target = output / f"{addon_id}-{version}.zip"
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
+    wheel_folder = tempfile.TemporaryDirectory(prefix="fourreal-backend-wheel-")
+    backend_wheel = build_backend_wheel(Path(wheel_folder.name))
+    with wheel_folder, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
         for rel in addon_files(patterns):
             if rel.as_posix() == "blender_manifest.toml":
                 archive.writestr(rel.as_posix(), manifest_with_wheels(manifest, wheels))
@@ -391,8 +445,12 @@ def cmd_addon(args: argparse.Namespace, extra: list[str]) -> int:
             archive.write(ROOT / "backend" / f"{name}.py", f"vendor/{name}.py")
         for wheel in wheels:
             archive.write(wheel, f"wheels/{wheel.name}")
+        archive.write(backend_wheel, f"{ADDON_BACKEND_FOLDER}/{backend_wheel.name}",
+                      zipfile.ZIP_STORED)  # already compressed
+        archive.writestr(f"{ADDON_BACKEND_FOLDER}/constraints.txt",
+                         "\n".join(backend_constraints()) + "\n")
     log(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {len(wheels)} wheels, "
-        f"shared backend modules {', '.join(shared)})")
+        f"backend {backend_wheel.name}, shared backend modules {', '.join(shared)})")
     return 0
 
 
