@@ -136,7 +136,7 @@ def _camera_layout(spec: SceneSpec, rng: np.random.Generator) -> dict:
     lens = float(np.clip(10.8 / math.tan(math.radians(elevation)) * rng.uniform(0.8, 1.0),
                          18.0, 35.0))
     half_width = 18.0 / lens  # tan of the half field of view (36 mm sensor)
-    distance = (ACTION_RADIUS + 0.5) / (half_width * rng.uniform(0.55, 0.7))
+    distance = (ACTION_RADIUS + 0.5) / (half_width * rng.uniform(0.75, 0.9))
     step = 2 * np.pi / spec.ring_views
     ring = (-0.5 * np.pi + step * np.arange(spec.ring_views)).tolist()
     slots = spec.ring_views // max(1, spec.held_out_between + spec.held_out_above)
