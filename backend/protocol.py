@@ -56,11 +56,28 @@ ERROR_CODES = frozenset({
     "unknown_job",    # fetch/cancel of a job id the backend does not know
     "duplicate_job",  # submit with a job id already in use
     "job_failed",     # the job raised while running
+    "queue_full",     # the queue (in total or of this client) is at its limit
+    "unavailable",    # the backend cannot run jobs now (its worker stopped, its disk is full)
+    "cache_corrupt",  # a stored result does not match its checksum
     "internal",       # a bug in the backend; the server keeps serving
 })
 
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
-_JOB_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+_JOB_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Names Windows reserves for devices in any folder (also with an extension): a job id names
+# a folder of the result cache, so none of them is accepted as an id or an array name.
+_DEVICE_RE = re.compile(r"(CON|PRN|AUX|NUL|CONIN\$|CONOUT\$|COM[0-9\u00b9\u00b2\u00b3]|"
+                        r"LPT[0-9\u00b9\u00b2\u00b3])(\..*)?", re.IGNORECASE)
+
+
+def is_windows_device_name(name: str) -> bool:
+    return _DEVICE_RE.fullmatch(name) is not None
+
+
+def is_valid_id(value: Any) -> bool:
+    """A job id or request reference: 1-64 of [A-Za-z0-9_-], not a Windows device name."""
+    return (isinstance(value, str) and _JOB_RE.fullmatch(value) is not None
+            and not is_windows_device_name(value))
 
 
 @dataclass(frozen=True)
@@ -140,33 +157,48 @@ def encode(msg_type: str, job: str | None = None, arrays: dict[str, np.ndarray] 
 
 
 def error_frames(code: str, message: str, job: str | None = None,
-                 field_name: str | None = None) -> list[bytes | memoryview]:
-    return encode("error", job=job, code=code, message=message, field=field_name)
+                 field_name: str | None = None, **extra: Any) -> list[bytes | memoryview]:
+    """An `error` message; `extra` fields with value None are left out."""
+    extra = {k: v for k, v in extra.items() if v is not None}
+    return encode("error", job=job, code=code, message=message, field=field_name, **extra)
 
 
 # ----------------------------------------------------------------------------- decoding
 
+def _frame_size(frame: Any) -> int:
+    """Byte size of a frame without copying it."""
+    if hasattr(frame, "buffer"):  # a zmq.Frame
+        return frame.buffer.nbytes
+    if isinstance(frame, bytes | bytearray):
+        return len(frame)
+    return memoryview(frame).nbytes
+
+
 def _parse_header(frame: Any, limits: Limits) -> dict[str, Any]:
-    raw = bytes(frame)
-    if len(raw) > limits.max_header_bytes:
-        raise ProtocolError("too_large", f"header is {len(raw)} bytes, limit "
+    size = _frame_size(frame)  # checked before the frame is copied
+    if size > limits.max_header_bytes:
+        raise ProtocolError("too_large", f"header is {size} bytes, limit "
                             f"{limits.max_header_bytes}", "header")
+    raw = bytes(frame)
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError("bad_header", f"frame 0 is not a UTF-8 JSON header: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("bad_header", "frame 0 nests JSON too deeply") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "frame 0 must be a JSON object")
-    if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError("bad_version", f"protocol version {header.get('v')!r} is not "
+    version = header.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
+        raise ProtocolError("bad_version", f"protocol version {version!r} is not "
                             f"supported (this side speaks {PROTOCOL_VERSION})", "v")
     msg_type = header.get("type")
     if not isinstance(msg_type, str) or msg_type not in MESSAGE_TYPES:
         raise ProtocolError("unknown_type", f"unknown message type {msg_type!r}", "type")
     job = header.get("job")
-    if job is not None and (not isinstance(job, str) or not _JOB_RE.match(job)):
-        raise ProtocolError("bad_field", "job id must be 1-64 characters of [A-Za-z0-9_-]",
-                            "job")
+    if job is not None and not is_valid_id(job):
+        raise ProtocolError("bad_field", "job id must be 1-64 characters of [A-Za-z0-9_-] "
+                            "(and not a Windows device name)", "job")
     return header
 
 
@@ -185,7 +217,8 @@ def _parse_array_specs(specs: Any, limits: Limits) -> list[tuple[str, np.dtype, 
         if not isinstance(spec, dict):
             raise ProtocolError("bad_array", f"arrays[{i}] must be an object", "arrays")
         name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if (not isinstance(name, str) or not _NAME_RE.fullmatch(name)
+                or is_windows_device_name(name)):
             raise ProtocolError("bad_array", f"arrays[{i}] has an invalid name {name!r}",
                                 "arrays")
         if name in names:
@@ -353,7 +386,7 @@ def unpack_sequence(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]
     """Inverse of `pack_sequence`; arrays without a tNNNN. prefix are ignored."""
     items: dict[int, dict[str, np.ndarray]] = {}
     for key, arr in arrays.items():
-        m = re.match(r"^t(\d{4,})\.(.+)$", key)
+        m = re.fullmatch(r"t(\d{4,})\.(.+)", key)
         if m:
             items.setdefault(int(m.group(1)), {})[m.group(2)] = arr
     if sorted(items) != list(range(len(items))):

@@ -31,13 +31,14 @@ class JobCancelled(Exception):
 class Job:
     id: str
     kind: str
-    owner: bytes
+    owner: str  # the identity that submitted it (see Server._identity)
     params: dict[str, Any]
     inputs: dict[str, Any]
     watchers: set[bytes] = field(default_factory=set)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     state: str = "queued"
     forwarded: int = 0  # result messages already sent on to watchers
+    announced: int = -1  # the queue position its watchers were last told
 
 
 class ModelStore:
@@ -74,13 +75,17 @@ JobRunner = Callable[["JobContext", dict[str, Any]], None]  # a job kind's run(c
 class JobContext:
     """What a running job sees: its inputs' device, progress/result reporting, cancel checks."""
 
-    def __init__(self, job: Job, cache: ResultCache, emit: Emit, device: str, models: ModelStore):
+    def __init__(self, job: Job, cache: ResultCache, emit: Emit, device: str, models: ModelStore,
+                 max_output_bytes: int | None = None):
         self.job = job
         self.cache = cache
         self.device = device
         self.models = models
         self._emit = emit
         self.out_dir = cache.job_dir(job.id)
+        self.results = 0  # results stored and sent so far; the next one's ordinal
+        self.output_bytes = 0
+        self.max_output_bytes = max_output_bytes
 
     def check_cancelled(self) -> None:
         if self.job.cancel_event.is_set():
@@ -94,10 +99,21 @@ class JobContext:
         self._emit(self.job.id, b"progress", frames)
 
     def result(self, arrays: dict[str, np.ndarray], **fields: Any) -> None:
-        """Store one result on disk, then send it."""
-        frames = protocol.encode("result", job=self.job.id, arrays=arrays, **fields)
-        self.cache.add_result(self.job.id, frames)
-        self._emit(self.job.id, b"result", frames)
+        """Store one result on disk, then send it. Its `ordinal` field numbers the job's
+        results from 0 (`done` carries their count), so a client sees what it missed."""
+        if "ordinal" in fields:
+            raise ValueError("a result's ordinal is set by the worker")
+        frames = protocol.encode("result", job=self.job.id, arrays=arrays,
+                                 ordinal=self.results, **fields)
+        size = sum(memoryview(f).nbytes for f in frames)
+        if self.max_output_bytes is not None and self.output_bytes + size > self.max_output_bytes:
+            raise protocol.ProtocolError(
+                "too_large", f"the job's results would exceed {self.max_output_bytes} bytes "
+                f"(the backend's --max-job-output-mb); {self.results} result(s) were kept")
+        self.output_bytes += size
+        self.cache.add_result(self.job.id, self.results, frames)
+        self.results += 1
+        self._emit(self.job.id, b"result %d" % (self.results - 1), frames)
 
 
 class Worker(threading.Thread):
@@ -105,14 +121,18 @@ class Worker(threading.Thread):
     a PUSH socket that this thread owns, connected to `events_addr` (inproc)."""
 
     def __init__(self, zctx: zmq.Context, events_addr: str, cache: ResultCache, device: str,
-                 models: ModelStore, runners: dict[str, JobRunner]):
+                 models: ModelStore, runners: dict[str, JobRunner],
+                 max_output_bytes: int | None = None):
         super().__init__(name="backend-worker", daemon=True)
+        self.max_output_bytes = max_output_bytes
         self.cache, self.device, self.models = cache, device, models
         self.runners = runners  # job kind -> its run(ctx, inputs)
         self._zctx, self._events_addr = zctx, events_addr
         self._sock: zmq.Socket | None = None
         self._todo: list[Job | None] = []
         self._cv = threading.Condition()
+        self.death: str | None = None  # why the thread stopped, if it ever does
+        self.reveal_paths = True  # `done` names the job's folder (single-user mode only)
 
     def emit(self, job: str, tag: bytes, frames: list[Any]) -> None:
         """Send one message of `job` to the server thread (call from this thread only)."""
@@ -126,10 +146,10 @@ class Worker(threading.Thread):
             self._cv.notify()
 
     def run(self) -> None:
-        self._sock = self._zctx.socket(zmq.PUSH)
-        self._sock.linger = 1000
-        self._sock.connect(self._events_addr)
         try:
+            self._sock = self._zctx.socket(zmq.PUSH)
+            self._sock.linger = 1000
+            self._sock.connect(self._events_addr)
             while True:
                 with self._cv:
                     while not self._todo:
@@ -138,29 +158,60 @@ class Worker(threading.Thread):
                 if job is None:
                     return
                 self._run_one(job)
+        except BaseException as exc:  # the server sees the thread end and reports it
+            self.death = f"{type(exc).__name__}: {exc}"
+            log.critical("the worker thread stopped:\n%s", traceback.format_exc())
         finally:
-            self._sock.close()
+            if self._sock is not None:
+                self._sock.close()
 
     def _run_one(self, job: Job) -> None:
-        ctx = JobContext(job, self.cache, self.emit, self.device, self.models)
+        """Run one job to its final message, whatever it or the cache raises."""
+        try:
+            final = self._execute(job)
+        except BaseException as exc:  # a bug in the bookkeeping itself: still a final reply
+            log.error("job %s (%s): internal error:\n%s", job.id, job.kind,
+                      traceback.format_exc())
+            final = self._failed(job, "internal", f"{type(exc).__name__}: {exc}")
+        self.emit(job.id, b"final", final)
+
+    def _execute(self, job: Job) -> list[Any]:
+        ctx = JobContext(job, self.cache, self.emit, self.device, self.models,
+                         self.max_output_bytes)
         try:
             self.cache.set_state(job.id, "running")
             ctx.progress("started", 0, 1, f"{job.kind} on {self.device}")
             self.runners[job.kind](ctx, job.inputs)
             self.cache.set_state(job.id, "done")
-            final = protocol.encode("done", job=job.id,
-                                    results=self.cache.meta(job.id)["results"],
-                                    cache_dir=str(ctx.out_dir))
+            return protocol.encode("done", job=job.id, results=ctx.results,
+                                   **({"cache_dir": str(ctx.out_dir)} if self.reveal_paths
+                                      else {}))
         except JobCancelled:
-            self.cache.set_state(job.id, "cancelled")
-            final = protocol.encode("cancelled", job=job.id)
+            try:
+                self.cache.set_state(job.id, "cancelled")
+            except Exception as exc:
+                log.error("job %s: could not record the cancel: %s", job.id, exc)
+            return protocol.encode("cancelled", job=job.id)
         except protocol.ProtocolError as exc:
-            final = self._failed(job, exc.code, exc.message)
-        except Exception as exc:  # a failing job must never take the server down
+            return self._failed(job, exc.code, exc.message)
+        except BaseException as exc:  # a failing job must never take the worker down
             log.error("job %s (%s) failed:\n%s", job.id, job.kind, traceback.format_exc())
-            final = self._failed(job, "job_failed", f"{type(exc).__name__}: {exc}")
-        self.emit(job.id, b"final", final)
+            return self._failed(job, "job_failed", describe_exception(exc))
 
     def _failed(self, job: Job, code: str, message: str) -> list[Any]:
-        self.cache.set_state(job.id, "failed", {"code": code, "message": message})
+        """The job's error reply; recording the failure in the cache may fail too (a full
+        disk, no file descriptors left, the job folder gone): the reply then says so."""
+        try:
+            self.cache.set_state(job.id, "failed", {"code": code, "message": message})
+        except Exception as exc:
+            log.error("job %s: could not record its failure in the cache: %s", job.id, exc)
+            message = (f"{message} (recording the failure in the result cache failed too: "
+                       f"{describe_exception(exc)})")
         return protocol.error_frames(code, message, job=job.id)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """`Type: message` of an exception, without the file paths an OSError carries."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"

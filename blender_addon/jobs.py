@@ -41,6 +41,12 @@ ERROR_HINTS: dict[str, str] = {
                    "another backend).",
     "duplicate_job": "The job id is already in use on the backend: submit the job again.",
     "job_failed": "The job failed inside the backend: see the backend log.",
+    "queue_full": "The backend's queue is full: wait for queued jobs to finish, or cancel "
+                  "some.",
+    "unavailable": "The backend cannot run jobs now (see its log; its disk may be full): "
+                   "restart it.",
+    "cache_corrupt": "A stored result of this job is damaged on the backend's disk: run the "
+                     "job again.",
     "internal": "The backend hit an internal error (it keeps serving): see the backend log.",
     "backend_died": "The backend process stopped: restart it, then fetch the job again.",
     "backend_unreachable": "The backend stopped answering: check it is running and reachable, "
@@ -51,6 +57,8 @@ ERROR_HINTS: dict[str, str] = {
 
 ACTIVE_STATES = frozenset({"submitted", "queued", "running", "refetching"})
 FINAL_STATES = frozenset({"done", "cancelled", "failed", "lost"})
+MAX_FETCH_ROUNDS = 8  # fetches of missing results before a job is given up as failed
+FETCH_CHUNK = 4000  # ordinals asked for in one fetch
 
 
 def describe_error(code: str, message: str) -> str:
@@ -85,6 +93,9 @@ class JobRecord:
     context: dict[str, Any] = field(default_factory=dict)  # e.g. the scene frames of results
     cache_dir: str = ""  # the backend's folder for this job (grid preview, PLY sequence)
     on_finish: Callable[[JobRecord], None] | None = None
+    ref: str = ""  # the submit's reference; `id` is the backend's job id once accepted
+    cancel_requested: bool = False  # cancel asked for before the backend named the job
+    fetch_rounds: int = 0  # fetches of missing results since the last `done`
 
     @property
     def active(self) -> bool:
@@ -201,9 +212,10 @@ class JobRunner:
                on_finish: Callable[[JobRecord], None] | None = None) -> JobRecord:
         """Send a job. `on_finish(record)` runs from `poll` when it is done, cancelled or
         failed (not when the backend is lost: the job may still be fetched)."""
-        job_id = self._require_client().submit(kind, params or {}, arrays or {})
-        record = JobRecord(job_id, kind, context=dict(context or {}), on_finish=on_finish)
-        self.jobs[job_id] = record
+        ref = self._require_client().submit(kind, params or {}, arrays or {})
+        record = JobRecord(ref, kind, context=dict(context or {}), on_finish=on_finish,
+                           ref=ref)
+        self.jobs[ref] = record  # re-keyed by the backend's job id when it is accepted
         return record
 
     def latest(self) -> JobRecord | None:
@@ -219,6 +231,10 @@ class JobRunner:
             if not active:
                 raise ValueError("no job is running or queued")
             job_id = active[-1].id
+        record = self.jobs.get(job_id)
+        if record is not None and record.state == "submitted":
+            record.cancel_requested = True  # sent once the backend names the job
+            return
         self._require_client().cancel(job_id, "job")
 
     def cancel_queued(self) -> None:
@@ -232,6 +248,7 @@ class JobRunner:
         record = self.jobs.get(job_id) or JobRecord(job_id, "fetched")
         self.jobs[job_id] = record
         record.results.clear()
+        record.fetch_rounds = 0
         record.state, record.error_code, record.error_message = "refetching", "", ""
         client.fetch(job_id)
         return record
@@ -307,6 +324,10 @@ class JobRunner:
             record.state, record.error_code, record.error_message = "lost", code, message
 
     def _handle(self, msg: protocol.Message) -> None:
+        ref = msg.get("ref")
+        if isinstance(ref, str) and ref in self.jobs and self.jobs[ref].state == "submitted":
+            self._answer_to_submit(self.jobs[ref], msg)
+            return
         if msg.job is None:
             self._handle_backend_message(msg)
             return
@@ -321,15 +342,51 @@ class JobRunner:
             record.stage, record.message = stage, str(msg.get("message", ""))
             record.step, record.of = int(msg.get("step", 0)), int(msg.get("of", 0))
         elif msg.type == "result":
+            if msg.get("ordinal") in {r.get("ordinal") for r in record.results}:
+                return  # already here (a fetch replays what it is asked for)
             record.results.append(msg)
             record.message = f"received {len(record.results)} of {msg.get('of', '?')}"
+        elif msg.type == "done" and self._fetch_missing(record, int(msg.get("results", 0))):
+            return
         elif msg.type in ("done", "cancelled", "error"):
             self._finish(record, msg)
+
+    def _answer_to_submit(self, record: JobRecord, msg: protocol.Message) -> None:
+        """The backend accepted the job (the record takes its job id) or refused it."""
+        if msg.type == "error":
+            self._finish(record, msg)
+            return
+        if msg.job is None:
+            return
+        record.id, record.state = str(msg.job), "queued"
+        self.jobs = {(record.id if key == record.ref else key): value
+                     for key, value in self.jobs.items()}
+        if record.cancel_requested and self.client is not None:
+            self.client.cancel(record.id, "job")
+
+    def _fetch_missing(self, record: JobRecord, count: int) -> bool:
+        """On `done`: when results are missing (by ordinal), fetch them and wait for the
+        replay's `done`; True while that is under way."""
+        have = {r.get("ordinal") for r in record.results}
+        missing = [k for k in range(count) if k not in have]
+        if not missing or self.client is None:
+            return False
+        if record.fetch_rounds >= MAX_FETCH_ROUNDS:
+            record.context["missing_results"] = len(missing)
+            return False
+        record.fetch_rounds += 1
+        record.state = "refetching"
+        record.message = f"fetching {len(missing)} missing result(s)"
+        self.client.fetch(record.id, missing[:FETCH_CHUNK])
+        return True
 
     def _handle_backend_message(self, msg: protocol.Message) -> None:
         if msg.type == "welcome":
             self.backend_state, self.backend_error = "ready", ""
             self.backend_info = dict(msg.fields)
+            if msg.get("healthy") is False:
+                self.backend_error = describe_error("unavailable", str(msg.get("problem", "")))
+                self.notices.append(("ERROR", self.backend_error))
             if self._refetch_when_ready:
                 self._refetch_when_ready = False
                 for record in [r for r in self.jobs.values() if r.state == "lost"]:
@@ -341,7 +398,12 @@ class JobRunner:
             self.notices.append(("ERROR", text))
 
     def _finish(self, record: JobRecord, msg: protocol.Message) -> None:
-        if msg.type == "done":
+        if msg.type == "done" and record.context.get("missing_results"):
+            record.state, record.error_code = "failed", "job_failed"
+            record.error_message = (f"{record.context['missing_results']} result(s) never "
+                                    "arrived, also after fetching them again")
+            self.notices.append(("ERROR", f"{record.kind} job failed: {record.error_text}"))
+        elif msg.type == "done":
             record.state, record.stage, record.message = "done", "done", "finished"
             record.step = record.of = max(record.of, 1)
             record.cache_dir = str(msg.get("cache_dir", ""))
