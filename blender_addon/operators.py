@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import bpy
-from bpy.props import BoolProperty, CollectionProperty, FloatProperty, IntProperty, StringProperty
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    StringProperty,
+)
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from . import plyio, pointcloud, rig, runtime, workflows
@@ -185,6 +192,14 @@ class FOURREAL_OT_import_ply(bpy.types.Operator, ImportHelper):
     whole_folder: BoolProperty(name="Whole Folder", default=True,
                                description="Import every PLY of the folder, not just the "
                                            "selected files")
+    persistent: EnumProperty(
+        name="Persistent Gaussians", default="AUTO",
+        items=(("AUTO", "Detect", "One moving point set when every file holds the same "
+                "count with equal colour, opacity and scale rows, else one object per file"),
+               ("PERSISTENT", "Persistent", "Gaussian i is the same in every file: one point "
+                "set whose positions and rotations change per frame (motion blur works)"),
+               ("PER_TIMESTEP", "Per File", "One object per file, shown on its frames")),
+        description="Whether the files hold the same Gaussians at every frame")
 
     def execute(self, context):
         folder = Path(self.directory or Path(self.filepath).parent)
@@ -192,10 +207,13 @@ class FOURREAL_OT_import_ply(bpy.types.Operator, ImportHelper):
         source = folder if self.whole_folder or not chosen else chosen
         config = workflows.display_config(context.scene.fourreal)
         try:
-            root = plyio.import_ply_sequence(context.scene, source, config=config)
+            root = plyio.import_ply_sequence(context.scene, source, config=config,
+                                             persistent=self.persistent)
         except (ValueError, OSError) as exc:
             return _fail(self, exc)
-        self.report({"INFO"}, f"imported {len(pointcloud.timestep_objects(root))} timesteps")
+        layout = (" as persistent Gaussians" if pointcloud.persistent_object(root) is not None
+                  else "")
+        self.report({"INFO"}, f"imported {len(pointcloud.asset_frames(root))} timesteps{layout}")
         if root.get("fourreal_scene_changes"):
             self.report({"WARNING"}, "render settings changed for the Gaussians: "
                         f"{root['fourreal_scene_changes']}")

@@ -9,12 +9,17 @@ exactly the object of the timestep that holds the scene frame is shown: playback
 asset's Geometry Nodes group, whose 'Settings' node holds the display mode, the viewport
 display ratio and the splat size.
 
-This layout was measured against one mesh holding every timestep whose Geometry Nodes pick
-the timestep from the scene frame (100k Gaussians per timestep, 2 CPU cores, selection only):
-it uses less memory (16 timesteps: +92 vs +111 MiB; 48: +276 vs +311 MiB), changes frames
-in 1-2 ms instead of 8 ms (16) and 15 ms (48), since the single mesh filters all T x N
-points on every frame change, and takes timesteps of different sizes and irregular frame
-numbers as they come.
+A sequence whose Gaussians keep their identities (the fitting stage's persistent Gaussians:
+Gaussian i is the same at every timestep) is imported with `persistent_gaussians=True` as one
+object instead, whose points move from frame to frame (see `persistent`): playback swaps no
+meshes and Cycles' motion blur sees the motion.
+
+The per-timestep layout was measured against one mesh holding all T x N points whose
+Geometry Nodes keep the scene frame's (100k Gaussians per timestep, 2 CPU cores, selection
+only): it uses less memory (16 timesteps: +92 vs +111 MiB; 48: +276 vs +311 MiB), changes
+frames in 1-2 ms instead of 8 ms (16) and 15 ms (48), since the single mesh filters all
+T x N points on every frame change, and takes timesteps of different sizes and irregular
+frame numbers as they come.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ from dataclasses import dataclass
 import bpy
 import numpy as np
 
-from . import animation, nodes
+from . import animation, nodes, persistent
 from .vendor.gaussians import Gaussians, GaussianSequence
 
 ASSET_TAG = "fourreal_asset"
 FRAME_PROP = "fourreal_frame"
 SOURCE_OFFSET_PROP = "fourreal_source_offset"
+LAYOUT_PROP = "fourreal_layout"  # "PER_TIMESTEP" or "PERSISTENT"
 
 
 @dataclass
@@ -163,10 +169,12 @@ def scene_settings(scene: bpy.types.Scene, config: PointCloudConfig) -> list[str
 
 def build_asset(scene: bpy.types.Scene, name: str, steps: Sequence[Gaussians],
                 frames: Sequence[int], config: PointCloudConfig | None = None,
-                source_offset: int = 0) -> bpy.types.Object:
+                source_offset: int = 0, persistent_gaussians: bool = False
+                ) -> bpy.types.Object:
     """Import Gaussians per timestep as an animated asset; timestep t shows from scene frame
     `frames[t]` on. `source_offset` (scene frame - source frame number) is kept for export.
-    Returns the asset's root empty."""
+    With `persistent_gaussians` the timesteps must hold the same Gaussians (see
+    `persistent.mismatch`) and become one moving point set. Returns the asset's root empty."""
     config = config or PointCloudConfig()
     config.check()
     frames = [int(f) for f in frames]
@@ -175,6 +183,10 @@ def build_asset(scene: bpy.types.Scene, name: str, steps: Sequence[Gaussians],
                          f"{len(frames)} frames")
     if sorted(set(frames)) != frames:
         raise ValueError(f"frames must be strictly increasing, got {frames}")
+    if persistent_gaussians and len(steps) > 1 and persistent.mismatch(steps) is not None:
+        t, reason = persistent.mismatch(steps)
+        raise ValueError(f"not persistent Gaussians: timestep {t} has {reason}")
+    persistent_gaussians = persistent_gaussians and len(steps) > 1
     collection = bpy.data.collections.new(name)
     scene.collection.children.link(collection)
     root = bpy.data.objects.new(name, None)
@@ -184,6 +196,21 @@ def build_asset(scene: bpy.types.Scene, name: str, steps: Sequence[Gaussians],
     collection.objects.link(root)
     group = nodes.asset_group(f"{root.name} Display", scene)
     root["fourreal_group"] = group
+    root[LAYOUT_PROP] = "PERSISTENT" if persistent_gaussians else "PER_TIMESTEP"
+    if persistent_gaussians:
+        _add_persistent_object(collection, root, group, steps, frames)
+    else:
+        _add_timestep_objects(collection, root, group, steps, frames)
+    apply_settings(root, config)
+    group.nodes["Settings"].inputs["SH Degree"].default_value = max(g.sh_degree for g in steps)
+    root["fourreal_scene_changes"] = "; ".join(scene_settings(scene, config))
+    return root
+
+
+def _add_timestep_objects(collection: bpy.types.Collection, root: bpy.types.Object,
+                          group: bpy.types.GeometryNodeTree, steps: Sequence[Gaussians],
+                          frames: list[int]) -> None:
+    """One object per timestep, each shown from its frame until the next timestep's."""
     for t, (gaussians, frame) in enumerate(zip(steps, frames)):
         label = f"{root.name} t{t:04d}"
         obj = bpy.data.objects.new(label, gaussians_mesh(label, gaussians))
@@ -196,18 +223,31 @@ def build_asset(scene: bpy.types.Scene, name: str, steps: Sequence[Gaussians],
             for path in ("hide_viewport", "hide_render"):
                 animation.set_keys(obj, path, key_frames, hidden, "CONSTANT",
                                    action_name=f"{label} Visibility")
-    apply_settings(root, config)
-    group.nodes["Settings"].inputs["SH Degree"].default_value = max(g.sh_degree for g in steps)
-    root["fourreal_scene_changes"] = "; ".join(scene_settings(scene, config))
-    return root
+
+
+def _add_persistent_object(collection: bpy.types.Collection, root: bpy.types.Object,
+                           group: bpy.types.GeometryNodeTree, steps: Sequence[Gaussians],
+                           frames: list[int]) -> bpy.types.Object:
+    """The one object of a persistent asset, its timestep keyed on the modifier."""
+    label = f"{root.name} Gaussians"
+    obj = bpy.data.objects.new(label, persistent.persistent_mesh(label, steps))
+    obj[persistent.FRAMES_PROP] = frames
+    obj.parent = root
+    collection.objects.link(obj)
+    persistent.add_timestep_picking(group, len(steps))
+    modifier = obj.modifiers.new("Gaussians", "NODES")
+    modifier.node_group = group
+    persistent.key_timesteps(obj, modifier, frames)
+    return obj
 
 
 def build_asset_from_arrays(scene: bpy.types.Scene, name: str,
                             steps: Sequence[dict[str, np.ndarray]], frames: Sequence[int],
-                            config: PointCloudConfig | None = None) -> bpy.types.Object:
+                            config: PointCloudConfig | None = None,
+                            persistent_gaussians: bool = False) -> bpy.types.Object:
     """`build_asset` from wire arrays per timestep (means, quats, log_scales, ...)."""
     return build_asset(scene, name, [Gaussians.from_arrays(dict(a)) for a in steps], frames,
-                       config)
+                       config, persistent_gaussians=persistent_gaussians)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -231,9 +271,22 @@ def asset_group_of(asset: bpy.types.Object) -> bpy.types.GeometryNodeTree:
 
 
 def timestep_objects(asset: bpy.types.Object) -> list[bpy.types.Object]:
-    """The asset's timestep objects in frame order."""
+    """The asset's timestep objects in frame order (none in a persistent asset)."""
     children = [c for c in asset.children if FRAME_PROP in c]
     return sorted(children, key=lambda c: int(c[FRAME_PROP]))
+
+
+def persistent_object(asset: bpy.types.Object) -> bpy.types.Object | None:
+    """The one object of a persistent asset, None for the per-timestep layout."""
+    return next((c for c in asset.children if persistent.FRAMES_PROP in c), None)
+
+
+def asset_frames(asset: bpy.types.Object) -> list[int]:
+    """The scene frame of each of the asset's timesteps, in order (either layout)."""
+    obj = persistent_object(asset)
+    if obj is not None:
+        return [int(f) for f in obj[persistent.FRAMES_PROP]]
+    return [int(o[FRAME_PROP]) for o in timestep_objects(asset)]
 
 
 def _read_attribute(mesh: bpy.types.Mesh, name: str, width: int) -> np.ndarray:
@@ -261,14 +314,33 @@ def mesh_gaussians(mesh: bpy.types.Mesh) -> Gaussians:
                      sh0=_read_attribute(mesh, nodes.ATTR_SH0, 3), sh_rest=sh_rest)
 
 
+def persistent_gaussians(mesh: bpy.types.Mesh, count: int) -> list[Gaussians]:
+    """The `count` timesteps stored in a persistent asset's mesh (exact)."""
+    rest = sorted(a.name for a in mesh.attributes if a.name.startswith("gs_sh_rest_"))
+    sh_rest = (np.stack([_read_attribute(mesh, r, 3) for r in rest], axis=1) if rest
+               else None)
+    shared = {"log_scales": _read_attribute(mesh, nodes.ATTR_LOG_SCALE, 3),
+              "opacity_logits": _read_attribute(mesh, nodes.ATTR_OPACITY_LOGIT, 1),
+              "sh0": _read_attribute(mesh, nodes.ATTR_SH0, 3), "sh_rest": sh_rest}
+    return [Gaussians(means=_read_attribute(mesh, f"{persistent.POSITION_PREFIX}{t}", 3),
+                      quats=_read_attribute(mesh, f"{persistent.ROTATION_PREFIX}{t}", 4),
+                      **shared) for t in range(count)]
+
+
 def asset_sequence(asset: bpy.types.Object, world_space: bool = True) -> GaussianSequence:
     """The asset's Gaussians per timestep, numbered by source frame (scene frame minus the
     offset kept at import). With `world_space`, an asset that was moved has its means,
     rotations and scales transformed by its timestep objects' world matrices."""
+    offset = int(asset.get(SOURCE_OFFSET_PROP, 0))
+    moving = persistent_object(asset)
+    if moving is not None:
+        steps = persistent_gaussians(moving.data, len(moving[persistent.FRAMES_PROP]))
+        if world_space:
+            steps = [transformed(g, np.array(moving.matrix_world)) for g in steps]
+        return GaussianSequence(steps, [f - offset for f in asset_frames(asset)])
     objects = timestep_objects(asset)
     if not objects:
         raise ValueError(f"asset {asset.name!r} has no timestep objects")
-    offset = int(asset.get(SOURCE_OFFSET_PROP, 0))
     steps = []
     for obj in objects:
         gaussians = mesh_gaussians(obj.data)

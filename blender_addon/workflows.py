@@ -19,6 +19,7 @@ import numpy as np
 
 from . import inputs, pointcloud, rig
 from .jobs import JobRecord, JobRunner
+from .vendor.gaussians import Gaussians
 
 
 @dataclass
@@ -121,12 +122,21 @@ def scene_frames(result_frames: Sequence[int], timestep_frames: Sequence[int]) -
 def import_results(scene: bpy.types.Scene, record: JobRecord, name: str,
                    config: pointcloud.PointCloudConfig | None = None
                    ) -> bpy.types.Object | None:
-    """Import a finished job's `gaussians` results as an asset; None if it sent none."""
+    """Import a finished job's `gaussians` results as an asset; None if it sent none.
+    Results that all say `identities: true` (the fitting stage's persistent Gaussians) are
+    imported as one moving point set when their arrays agree (same count, shared colour,
+    opacity and scales); otherwise, and for results without identities, one object per
+    timestep."""
     steps, result_frames = record.gaussian_steps()
     if not steps:
         return None
     frames = scene_frames(result_frames, record.context.get("frames", []))
-    root = pointcloud.build_asset_from_arrays(scene, name, steps, frames, config)
+    flagged = all(bool(r.get("identities")) for r in record.ordered_results("gaussians"))
+    gaussians = [Gaussians.from_arrays(dict(a)) for a in steps]
+    persistent = flagged and len(gaussians) > 1 and pointcloud.persistent.mismatch(
+        gaussians) is None
+    root = pointcloud.build_asset(scene, name, gaussians, frames, config,
+                                  persistent_gaussians=persistent)
     root["fourreal_job"] = record.id
     record.context["asset"] = root.name
     return root
