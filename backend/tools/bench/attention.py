@@ -5,7 +5,8 @@
 
 For each grid V x T and tokens per frame P (4 heads of 64, B=1, float32) it times, in one
 process and with repeats interleaved between implementations: flex (forward), decomposed
-(forward, and forward+backward), merged (forward), reference (dense-mask SDPA, skipped when
+(forward, and forward+backward), merged (forward), flex forward+backward (CUDA only: its
+backward does not exist on the CPU), reference (dense-mask SDPA, skipped when
 its mask would exceed a memory cap) and full attention (SDPA, no mask). Times are medians
 after a warm-up call; process CPU times are reported beside the wall times. The speedup is
 full attention's median over the fastest exact kernel's; `paired` is the median over rounds
@@ -133,6 +134,10 @@ def _make_calls(V: int, T: int, P: int, config: AttentionBenchConfig, device: to
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         decomposed_view_time_attention(*leaves, V, T).backward(grad_out)
 
+    def flex_fwd_bwd():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        flex_view_time_attention(*leaves, V, T).backward(grad_out)
+
     def requested(kernel: str) -> bool:  # full attention always runs
         return not config.kernels or kernel in config.kernels
 
@@ -148,6 +153,12 @@ def _make_calls(V: int, T: int, P: int, config: AttentionBenchConfig, device: to
         calls["merged_fwd"] = no_grad(lambda *a: merged_view_time_attention(*a, V, T))
     if requested("decomposed_fwd_bwd"):
         calls["decomposed_fwd_bwd"] = decomposed_fwd_bwd
+    if requested("flex_fwd_bwd"):
+        if device.type == "cuda" and flex_available(device):
+            calls["flex_fwd_bwd"] = flex_fwd_bwd
+        else:
+            notes.append(f"flex_fwd_bwd skipped: FlexAttention's backward runs only on CUDA "
+                         f"(device {device})")
     mask_bytes = 5 * N * N
     if requested("reference"):
         if mask_bytes <= config.reference_mask_cap_bytes:
@@ -246,7 +257,7 @@ def _format_row(result: dict) -> str:
     times = result["times_s"]
     cells = [f"{times[name]:9.3f}" if name in times else f"{'-':>9}"
              for name in ("flex_fwd", "decomposed_fwd", "merged_fwd", "decomposed_fwd_bwd",
-                          "reference_fwd", "full_fwd")]
+                          "flex_fwd_bwd", "reference_fwd", "full_fwd")]
     errors = result["max_abs_err"]
     worst = max(errors.values()) if errors else float("nan")
     if result["speedup_vs_full"] is None:
@@ -261,8 +272,8 @@ def _format_row(result: dict) -> str:
 
 
 HEADER = (f"{'V x T x P':>10} {'N':>6} {'flex':>9} {'decomp':>9} {'merged':>9} {'dec f+b':>9} "
-          f"{'ref':>9} {'full':>9} {'speedup':>8} {'ideal':>7} {'frac':>6} {'paired':>7} "
-          f"{'cpu-spd':>8} "
+          f"{'flex f+b':>9} {'ref':>9} {'full':>9} {'speedup':>8} {'ideal':>7} {'frac':>6} "
+          f"{'paired':>7} {'cpu-spd':>8} "
           f"{'max err':>9}")
 
 
@@ -275,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--shape", help="one grid VxTxP only, e.g. 8x16x256")
     parser.add_argument("--only", help="comma-separated kernels to time beside full attention "
-                        "(flex, decomposed, merged, decomposed_fwd_bwd, reference)")
+                        "(flex, decomposed, merged, decomposed_fwd_bwd, flex_fwd_bwd, "
+                        "reference)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda given but CUDA is not available")
@@ -287,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     kernels = tuple(name.strip() for name in (args.only or "").split(",") if name.strip())
     exact = {name.removesuffix("_fwd") for name in EXACT}
-    known = exact | {"decomposed_fwd_bwd"}
+    known = exact | {"decomposed_fwd_bwd", "flex_fwd_bwd"}
     if set(kernels) - known:
         raise ValueError(f"--only: unknown kernels {sorted(set(kernels) - known)}; "
                          f"choose from {sorted(known)}")

@@ -1,7 +1,7 @@
-"""Benchmark the CPU rasterizers side by side: the numba kernels against the torch twin.
+"""Benchmark the rasterizers side by side: the numba kernels against the torch twin (and gsplat).
 
 `python -m backend.tools.bench render [--json PATH] [--repeats R] [--only NAME ...]
-[--impl cpu torch] [--torch-threads T]`
+[--case SIZExN[xVIEWS] ...] [--impl cpu torch gsplat] [--torch-threads T] [--parity]`
 
 Per case: median wall seconds (and process CPU seconds) of forward and forward+backward after
 one warm-up call, for each implementation, alternating within the run so both see the same
@@ -9,6 +9,11 @@ machine load; the speedup of the kernels over the twin (wall, and in CPU seconds
 fraction of the floor the kernels reach, where the floor is the issue's estimate: 1M
 Gaussian-pixel evaluations per image at 80 flops each (forward+backward) on a 30 GFLOP/s
 two-core CPU.
+
+`--impl gsplat` (CUDA) renders the same scenes with gsplat, the inputs moved to the GPU once
+and the device synchronised after each call. `--parity` compares each implementation's
+forward images (rgb, alpha, expected depth) with the reference's on the same scene: the torch
+twin when it runs, else the CPU kernels.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from backend.render.torch_rasterizer import rasterize_torch
 FLOOR_EVALS_PER_IMAGE = 1e6
 FLOOR_FLOPS_PER_EVAL = 80
 FLOOR_FLOPS_PER_S = 30e9
-IMPLEMENTATIONS = {"cpu": rasterize_cpu, "torch": rasterize_torch}
+IMPLEMENTATIONS = {"cpu": rasterize_cpu, "torch": rasterize_torch, "gsplat": None}
 GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
 
 
@@ -69,25 +74,83 @@ def make_scene(case: RenderBenchCase, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def _calls(case: RenderBenchCase, scene: dict[str, torch.Tensor], fn) -> dict:
+def parse_case(text: str) -> RenderBenchCase:
+    """`SIZExN` or `SIZExNxVIEWS` (e.g. 32x2000) as a case named after it."""
+    try:
+        numbers = [int(n) for n in text.lower().split("x")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 3) or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"expected SIZExN or SIZExNxVIEWS, got {text!r}")
+    return RenderBenchCase(f"{numbers[0]}px_{numbers[1]}" + (
+        f"_{numbers[2]}cams" if len(numbers) == 3 else ""), *numbers)
+
+
+def _implementation(name: str):
+    """(rasterize function, device) of an implementation."""
+    if name == "gsplat":
+        from backend.render.gsplat_rasterizer import rasterize_gsplat
+
+        return rasterize_gsplat, torch.device("cuda")
+    return IMPLEMENTATIONS[name], torch.device("cpu")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _calls(case: RenderBenchCase, scene: dict[str, torch.Tensor], name: str) -> dict:
+    fn, device = _implementation(name)
+    scene = {key: value.to(device) for key, value in scene.items()}
     cameras = (scene["viewmats"], scene["Ks"], case.size, case.size)
 
     def forward() -> None:
         with torch.no_grad():
             fn(*(scene[k] for k in GAUSSIAN_KEYS), *cameras)
+        _synchronize(device)
 
     def forward_backward() -> None:
         params = [scene[k].clone().requires_grad_() for k in GAUSSIAN_KEYS]
         out = fn(*params, *cameras)
         (out.rgb.sum() + out.depth.mean()).backward()
+        _synchronize(device)
 
     return {"fwd_s": forward, "fwd_bwd_s": forward_backward}
+
+
+def parity(case: RenderBenchCase, implementations: list[str]) -> dict:
+    """Forward images of each implementation against the reference's (torch, else cpu)."""
+    reference = "torch" if "torch" in implementations else "cpu"
+    scene = make_scene(case)
+    images = {}
+    for name in dict.fromkeys([reference, *implementations]):
+        fn, device = _implementation(name)
+        on_device = {key: value.to(device) for key, value in scene.items()}
+        with torch.no_grad():
+            out = fn(*(on_device[k] for k in GAUSSIAN_KEYS), on_device["viewmats"],
+                     on_device["Ks"], case.size, case.size)
+        images[name] = {key: getattr(out, key).float().cpu() for key in ("rgb", "alpha", "depth")}
+    figures = {"reference": reference}
+    for name in implementations:
+        if name == reference:
+            continue
+        row = {}
+        for key in ("rgb", "alpha", "depth"):
+            diff = (images[name][key] - images[reference][key]).abs()
+            row[f"{key}_max_abs"] = float(diff.max())
+            row[f"{key}_mean_abs"] = float(diff.mean())
+        mse = float(((images[name]["rgb"] - images[reference]["rgb"]) ** 2).mean())
+        row["rgb_psnr_db"] = float("inf") if mse == 0 else -10 * float(torch.log10(
+            torch.tensor(mse)))
+        figures[name] = row
+    return figures
 
 
 def time_case(case: RenderBenchCase, repeats: int, implementations: list[str]) -> dict:
     """Median wall seconds per implementation and pass; calls alternate between them."""
     scene = make_scene(case)
-    calls = {name: _calls(case, scene, IMPLEMENTATIONS[name]) for name in implementations}
+    calls = {name: _calls(case, scene, name) for name in implementations}
     times = {name: {key: [] for key in ("fwd_s", "fwd_bwd_s", "fwd_cpu_s", "fwd_bwd_cpu_s")}
              for name in implementations}
     for name in implementations:  # warm-up: compilation, caches, allocator
@@ -138,18 +201,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="+", choices=[c.name for c in CASES],
                         help="run only these cases")
+    parser.add_argument("--case", nargs="+", type=parse_case, default=[],
+                        help="more cases SIZExN[xVIEWS]; without --only, only these run")
+    parser.add_argument("--parity", action="store_true",
+                        help="compare forward images with the reference implementation")
     parser.add_argument("--impl", nargs="+", choices=list(IMPLEMENTATIONS),
-                        default=list(IMPLEMENTATIONS), help="implementations to time")
+                        default=["cpu", "torch"], help="implementations to time")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch threads (the twin's fastest setting on a shared 2-core "
                              "machine; 0 keeps torch's default)")
     args = parser.parse_args(argv)
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
-    cases = [c for c in CASES if not args.only or c.name in args.only]
+    if "gsplat" in args.impl and not torch.cuda.is_available():
+        raise ValueError("--impl gsplat needs CUDA, which is not available")
+    cases = [c for c in CASES if (args.only and c.name in args.only)
+             or not (args.only or args.case)] + args.case
     rows = []
     for case in cases:
         rows.append(time_case(case, args.repeats, args.impl))
+        if args.parity:
+            rows[-1]["parity"] = parity(case, args.impl)
+            print(f"parity {case.name}: {rows[-1]['parity']}")
         _print_table(rows[-1:])
     load = os.getloadavg()
     machine = {"cpu_count": os.cpu_count(), "numba_threads": num_threads(),
@@ -158,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": "cpu", "machine": machine,
+        device = "cpu+cuda" if "gsplat" in args.impl else "cpu"
+        args.json.write_text(json.dumps({"device": device, "machine": machine,
                                          "repeats": args.repeats, "cases": rows}, indent=2))
     return 0
