@@ -36,8 +36,8 @@ import bpy
 
 from .vendor.gaussians import SH_C0
 
-CORE_GROUP = "FourReal Gaussians v2"
-MATERIAL = "FourReal Gaussian Splat v2"
+CORE_GROUP = "FourReal Gaussians v3"
+MATERIAL = "FourReal Gaussian Splat v3"
 ATTR_ROTATION = "gs_rotation"
 ATTR_LOG_SCALE = "gs_log_scale"
 ATTR_OPACITY_LOGIT = "gs_opacity_logit"
@@ -46,6 +46,7 @@ ATTR_COLOR = "gs_color"  # not "color": Cycles would show points black
 ATTR_OPACITY = "gs_opacity"
 ATTR_SCALE = "gs_scale"
 ATTR_MEAN = "gs_mean"
+ATTR_OFFSET = "gs_offset"  # proxy corners: position - mean (see `_splats`)
 ATTR_WHITEN = ("gs_whiten_0", "gs_whiten_1", "gs_whiten_2")
 DISPLAY_MODES = ("POINTS", "SPLATS")
 ALPHA_MIN = 1.0 / 255.0
@@ -362,7 +363,11 @@ def _splats(b: _Builder, points, fields, subdivisions):
     realize = b.node("GeometryNodeRealizeInstances")
     # After instancing: the fields above read the raw attributes.
     b.feed(realize.inputs["Geometry"], _remove_attributes(b, instances, RAW_ATTRIBUTES))
-    return realize.outputs[0]
+    # Each corner's offset from its mean: interpolated over a face it is P - mu at any hit,
+    # also where motion blur moves the face (the vertices move, the mean attribute cannot).
+    position = b.node("GeometryNodeInputPosition").outputs[0]
+    offset = b.vmath("SUBTRACT", position, b.named(ATTR_MEAN, "FLOAT_VECTOR"))
+    return b.store(realize.outputs[0], ATTR_OFFSET, "FLOAT_VECTOR", offset)
 
 
 def _remove_attributes(b: _Builder, geometry, names: tuple[str, ...]):
@@ -473,7 +478,11 @@ def _ray_alpha(b: _Builder):
     geometry = b.node("ShaderNodeNewGeometry")
     position = _to_object(b, geometry.outputs["Position"], "POINT")
     incoming = _to_object(b, geometry.outputs["Incoming"], "VECTOR")
-    offset = b.vmath("SUBTRACT", position, _attribute(b, ATTR_MEAN, "Vector"))
+    # Proxy meshes carry the corners' offsets (non-zero); points have none: P - mu.
+    stored = _attribute(b, ATTR_OFFSET, "Vector")
+    from_mean = b.vmath("SUBTRACT", position, _attribute(b, ATTR_MEAN, "Vector"))
+    use_mean = b.math("LESS_THAN", b.dot(stored, stored), 1e-30)
+    offset = b.vmath("ADD", stored, b.vmath("SCALE", from_mean, use_mean))
     rows = [_attribute(b, name, "Vector") for name in ATTR_WHITEN]
     p = b.combine(*[b.dot(row, offset) for row in rows])
     v = b.combine(*[b.dot(row, incoming) for row in rows])

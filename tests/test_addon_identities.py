@@ -152,9 +152,10 @@ def moving_asset(num_steps: int = 3, count: int = 1500) -> list[Gaussians]:
     return steps
 
 
-def render_frame_two(steps, persistent_gaussians: bool, path: Path) -> tuple[float, float]:
+def frame_scene(steps, persistent_gaussians: bool, size: int = 32):
+    """The timesteps on frames 0, 1, 2 before the fidelity test's camera, black behind."""
     scene = empty_scene()
-    scene.render.resolution_x = scene.render.resolution_y = 32
+    scene.render.resolution_x = scene.render.resolution_y = size
     scene.camera = add_camera(scene, "View", location=(0.6, -3.4, 1.2),
                               rotation=(math.radians(72), 0.0, math.radians(10)), lens=40)
     pointcloud.build_asset(scene, "Moving", steps, [0, 1, 2],
@@ -162,6 +163,11 @@ def render_frame_two(steps, persistent_gaussians: bool, path: Path) -> tuple[flo
     scene.render.film_transparent = False
     scene.render.image_settings.file_format = "PNG"
     scene.render.image_settings.color_mode = "RGB"
+    return scene
+
+
+def render_frame_two(steps, persistent_gaussians: bool, path: Path) -> tuple[float, float]:
+    scene = frame_scene(steps, persistent_gaussians)
     scene.frame_set(2)
     image = render(scene, "CYCLES", 4, path)
     return scores(image, reference(scene, steps[2]))
@@ -176,3 +182,33 @@ def test_cycles_render_of_frame_two_matches_the_rasterizer(tmp_path):
     print(f"frame 2: per-timestep {per_timestep:.2f} dB, persistent {moving:.2f} dB")
     assert per_timestep > 31.0
     assert moving > 31.0 and moving >= per_timestep - 0.5, (moving, per_timestep, ssim)
+
+
+def test_cycles_motion_blur_matches_the_shutter_average(tmp_path):
+    """Motion blur over frames 0.5-1.5 against the mean of the reference rasterizer's renders
+    of the interpolated Gaussians: 34.1 dB here (32x32, 8 samples), 38.2 dB at 48x48 with
+    16. With the material measuring from the centre frame's mean instead of the proxies'
+    own offsets it was 22.4 dB at 48x48, hardly better than no blur (21.2 dB)."""
+    steps = moving_asset(count=800)
+    steps = [Gaussians(means=g.means + np.array([0.3 * t, 0.0, 0.0], np.float32), quats=g.quats,
+                       log_scales=g.log_scales, opacity_logits=g.opacity_logits, sh0=g.sh0)
+             for t, g in enumerate(steps)]
+    scene = frame_scene(steps, persistent_gaussians=True)
+    scene.frame_set(1)
+    scene.render.use_motion_blur = True
+    scene.render.motion_blur_shutter = 1.0
+    scene.render.motion_blur_position = "CENTER"
+    image = render(scene, "CYCLES", 8, tmp_path / "blurred.png")
+    shutter = []
+    for time in np.linspace(0.5, 1.5, 11):
+        t = min(int(time), 1)
+        f = float(time - t)
+        between = Gaussians(means=(1 - f) * steps[t].means + f * steps[t + 1].means,
+                            quats=steps[t].quats if f < 0.5 else steps[t + 1].quats,
+                            log_scales=steps[t].log_scales, opacity_logits=steps[t].opacity_logits,
+                            sh0=steps[t].sh0)
+        shutter.append(reference(scene, between))
+    blurred, _ = scores(image, np.mean(shutter, axis=0))
+    sharp, _ = scores(image, reference(scene, steps[1]))
+    print(f"motion blur: {blurred:.2f} dB against the shutter average, {sharp:.2f} dB sharp")
+    assert blurred > 30.0 and blurred > sharp + 5.0
