@@ -232,6 +232,7 @@ def textured_material(bpy, name: str, colours, pattern: str, scale: float,
     """Principled BSDF whose base colour mixes two colours by a pattern, with a fine noise
     modulating the brightness (detail that a fit has to recover)."""
     material = bpy.data.materials.new(name)
+    material.diffuse_color = (*colours[0], 1.0)  # what Workbench shows
     if bpy.app.version < (5, 0, 0):
         material.use_nodes = True
     tree = material.node_tree
