@@ -212,3 +212,25 @@ def test_cycles_motion_blur_matches_the_shutter_average(tmp_path):
     sharp, _ = scores(image, reference(scene, steps[1]))
     print(f"motion blur: {blurred:.2f} dB against the shutter average, {sharp:.2f} dB sharp")
     assert blurred > 30.0 and blurred > sharp + 5.0
+
+
+@pytest.fixture
+def registered():
+    module = addon_module()
+    module.register()
+    yield module
+    module.unregister()
+
+
+def test_import_operator_option_and_export_operator(tmp_path, registered):
+    steps = persistent_arrays(2, 30, seed=4)
+    seq = gaussians_mod.GaussianSequence([Gaussians.from_arrays(a) for a in steps], [1, 2])
+    gaussians_mod.write_ply_sequence(tmp_path / "seq", seq)
+    scene = empty_scene()
+    assert bpy.ops.fourreal.import_ply_sequence(directory=str(tmp_path / "seq") + "/",
+                                                persistent="PERSISTENT") == {"FINISHED"}
+    root = next(o for o in scene.objects if pointcloud.is_asset(o))
+    bpy.context.view_layer.objects.active = pointcloud.persistent_object(root)
+    assert bpy.ops.fourreal.export_ply_sequence(filepath=str(tmp_path / "out")) == {"FINISHED"}
+    for name in ("frame_0001.ply", "frame_0002.ply"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "seq" / name).read_bytes()

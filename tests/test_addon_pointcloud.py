@@ -196,6 +196,8 @@ def test_splats_are_camera_facing_quads_bounding_each_gaussian():
         half = np.sqrt(np.einsum("ni,nij,nj->n", a, covariance, a)) * extent * 1.1
         np.testing.assert_allclose(np.ptp(corners[:, :, index], axis=1) / 2, half, rtol=1e-4)
     assert {"gs_color", "gs_opacity", "gs_mean", "gs_whiten_0"} <= set(mesh.attributes.keys())
+    offsets = attribute(mesh, "gs_offset", 3).reshape(40, 4, 3)  # what motion blur moves with
+    np.testing.assert_allclose(offsets, corners - g.means[:, None], atol=1e-6)
     assert "gs_rotation" not in mesh.attributes, "raw attributes are dropped before realising"
 
 
