@@ -64,8 +64,8 @@ def check_outputs(out: Path, report: dict, views: int, frames: int, cycles_floor
 
 
 def assert_blend_holds_the_assets(path: Path, frames: int) -> None:
-    """Open the saved .blend in a fresh Blender and count the assets' timestep objects
-    (Generate's and Reconstruct's)."""
+    """Open the saved .blend in a fresh Blender and find both assets (Generate's and
+    Reconstruct's) with their objects."""
     script = (
         "import os, sys, json, bpy\n"
         f"bpy.ops.wm.open_mainfile(filepath={str(path)!r})\n"
@@ -77,7 +77,8 @@ def assert_blend_holds_the_assets(path: Path, frames: int) -> None:
                             timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads(result.stdout.strip().splitlines()[-1])
-    assert info["roots"] == 2 and info["children"] == [frames, frames], info
+    # one point set that moves (Gaussians with identities) or one object per timestep
+    assert info["roots"] == 2 and all(n in (1, frames) for n in info["children"]), info
     assert info["cameras"] >= 3  # the rig's cameras and the novel view
 
 

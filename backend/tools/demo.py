@@ -146,8 +146,8 @@ def run_job(operator, kind: str, timeout: float, log_tail) -> JobAsset:
     from backend.gaussians import Gaussians
 
     root = bpy.data.objects[record.context["asset"]]
-    steps = [Gaussians.from_arrays(pointcloud.mesh_gaussians(o.data).to_arrays())
-             for o in pointcloud.timestep_objects(root)]
+    steps = [Gaussians.from_arrays(g.to_arrays())  # either layout: one set that moves or
+             for g in pointcloud.asset_sequence(root).frames]  # one object per timestep
     job_dir = Path(record.cache_dir)
     fit = json.loads((job_dir / "fit.json").read_text()) if (job_dir / "fit.json").is_file() \
         else {}
