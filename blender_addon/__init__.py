@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 
 # Registered in this order, unregistered in reverse.
-_MODULE_NAMES = ("preferences", "props", "operators", "panels")
+_MODULE_NAMES = ("preferences", "props", "operators", "install_operators", "panels")
 
 
 def _modules():

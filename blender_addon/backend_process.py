@@ -1,6 +1,7 @@
 """The local backend as a child process: `python -m backend serve` on a port the backend
-picks itself (address tcp://127.0.0.1:0), read back from its ready file. Every process
-started here is stopped when Blender exits."""
+picks itself (address tcp://127.0.0.1:0), read back from its ready file, run by the environment
+Install Backend made or by a checkout's .venv. Every process started here is stopped when
+Blender exits."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .installer import CACHE_NAME, environment_of
 
 _RUNNING: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
 
@@ -40,26 +43,35 @@ def default_python(repo: Path | None = None) -> Path | None:
 
 @dataclass
 class LocalBackendConfig:
-    """How to start the local backend."""
+    """How to start the local backend: an environment made by Install Backend (`python` set,
+    `repo` empty), or a checkout (`repo` and its .venv, the developers' way)."""
 
     python: str = ""  # interpreter with the backend's dependencies; "" = the repo's .venv
     repo: str = ""  # folder holding the `backend` package; "" = the repo around the add-on
-    cache_dir: str = ""  # result cache; "" = <repo>/.cache/results
+    cache_dir: str = ""  # result cache; "" = <repo>/.cache/results or <install folder>/cache
     device: str = "auto"
     extra_args: list[str] = field(default_factory=list)
 
-    def resolved(self) -> tuple[Path, Path, Path]:
-        """(python, repo, cache_dir) with defaults filled in; ValueError naming what is
-        missing."""
+    def resolved(self) -> tuple[Path, Path | None, Path]:
+        """(python, repo, cache_dir) with defaults filled in; repo is None for an installed
+        environment (the backend is a package in it). ValueError says what is missing."""
+        env = environment_of(self.python) if self.python and not self.repo else None
+        if env is not None and Path(self.python).exists():
+            cache = Path(self.cache_dir) if self.cache_dir else env.parent / CACHE_NAME
+            return Path(self.python), None, cache
         repo = Path(self.repo) if self.repo else default_repo()
+        if repo is None and not self.python:
+            raise ValueError("the backend is not installed: press Install Backend in the "
+                             "add-on's preferences (Edit > Preferences > Add-ons > 4Real)")
         if repo is None or not (repo / "backend" / "__init__.py").is_file():
             raise ValueError(f"backend repository not found ({self.repo or 'not set'}): set "
-                             "the repository folder in the add-on preferences")
+                             "the repository folder in the add-on preferences, or clear the "
+                             "Python field to use the environment Install Backend made")
         python = Path(self.python) if self.python else default_python(repo)
         if python is None or not python.exists():
             raise ValueError(f"Python interpreter not found ({self.python or 'no .venv'}): "
-                             "run `python3 build.py setup` in the repository or set the "
-                             "interpreter in the add-on preferences")
+                             "press Install Backend in the add-on preferences, or run "
+                             "`python3 build.py setup` in the repository")
         cache = Path(self.cache_dir) if self.cache_dir else repo / ".cache" / "results"
         return python, repo, cache
 
@@ -85,10 +97,16 @@ class LocalBackend:
                "--ready-file", str(self.ready_file), "--cache-dir", str(cache),
                "--device", self.config.device, *self.config.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p)
+        if repo is None:  # an installed environment: its own backend, nothing from outside
+            env.pop("PYTHONPATH", None)
+            cwd = python.parent.parent
+        else:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH"))
+                                                if p)
+            cwd = repo
         flags = subprocess.CREATE_NEW_PROCESS_GROUP if sys.platform == "win32" else 0
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log,
+            self.process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             creationflags=flags)
         _RUNNING.add(self)
