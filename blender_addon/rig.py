@@ -166,8 +166,8 @@ def extract_rig(scene: bpy.types.Scene, cameras: Sequence[bpy.types.Object],
             depsgraph = bpy.context.evaluated_depsgraph_get()
             for v, cam in enumerate(cameras):
                 evaluated = cam.evaluated_get(depsgraph)
-                c2w[v, t] = opencv_c2w(evaluated.matrix_world)
-                intr[v, t] = camera_intrinsics(evaluated, scene.render)
+                c2w[v, t], intr[v, t] = camera_pose_and_intrinsics(
+                    cam, evaluated.matrix_world, camera_intrinsics(evaluated, scene.render))
                 near_far[v, t] = (evaluated.data.clip_start, evaluated.data.clip_end)
     finally:
         scene.frame_set(saved[0], subframe=saved[1])
@@ -177,6 +177,57 @@ def extract_rig(scene: bpy.types.Scene, cameras: Sequence[bpy.types.Object],
     except protocol.ProtocolError as exc:
         raise ValueError(f"rig is not valid: {exc.message}") from None
     return rig
+
+
+def camera_pose_and_intrinsics(camera: bpy.types.Object, matrix_world,
+                               intrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV c2w [4, 4] and intrinsics [6] of a camera as Blender renders it. Blender (Cycles,
+    EEVEE, `world_to_camera_view`) uses the camera's matrix_world with each axis normalised;
+    under a non-uniformly scaled, rotated parent those axes are not orthogonal (a sheared
+    camera). The projection is then factored as intrinsics x rotation (RQ decomposition):
+    exact when the factor has no skew (the shear only moves the principal point and the focal
+    lengths); otherwise ValueError naming the parent, never an approximate camera."""
+    mat = np.array(matrix_world, dtype=np.float64)
+    axes = mat[:3, :3] / np.linalg.norm(mat[:3, :3], axis=0)
+    if np.abs(axes.T @ axes - np.eye(3)).max() <= 1e-6:
+        return opencv_c2w(mat), intrinsics
+    if np.linalg.det(axes) <= 0:
+        rigid_c2w(mat)  # raises, naming the problem (mirrored or zero scale)
+    fx, fy, cx, cy = intrinsics[:4]
+    k_blender = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+    project = k_blender @ np.diag([1.0, -1.0, -1.0]) @ np.linalg.inv(axes)  # world -> pixels
+    k, rot = _rq(project)
+    k = k / k[2, 2]
+    if abs(k[0, 1]) > 1e-6 * k[0, 0] or abs(k[1, 0]) > 1e-9 * k[1, 1]:
+        raise ValueError(
+            f"camera {camera.name!r} is sheared by the non-uniform scale of "
+            f"{_scaling_parent(camera)}: Blender renders it with skewed pixels, which the "
+            "pinhole intrinsics cannot represent. Apply the scale of that parent (Ctrl+A) or "
+            "make it uniform.")
+    c2w = np.eye(4)
+    c2w[:3, :3] = rot.T
+    c2w[:3, 3] = mat[:3, 3]
+    return c2w, np.array([k[0, 0], k[1, 1], k[0, 2], k[1, 2], *intrinsics[4:6]])
+
+
+def _rq(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """m [3, 3] = k @ rot with k upper triangular (positive diagonal), rot orthonormal."""
+    flip = np.eye(3)[::-1]
+    q, r = np.linalg.qr((flip @ m).T)
+    k, rot = flip @ r.T @ flip, flip @ q.T
+    signs = np.diag(np.sign(np.diag(k)))
+    return k @ signs, signs @ rot
+
+
+def _scaling_parent(camera: bpy.types.Object) -> str:
+    """'its parent NAME' for the nearest ancestor scaled non-uniformly."""
+    parent = camera.parent
+    while parent is not None:
+        scale = np.abs(np.array(parent.matrix_world.to_scale()))
+        if scale.max() - scale.min() > 1e-6 * scale.max():
+            return f"its parent {parent.name!r}"
+        parent = parent.parent
+    return "its parents"
 
 
 def sorted_cameras(objects: Iterable[bpy.types.Object]) -> list[bpy.types.Object]:

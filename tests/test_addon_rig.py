@@ -120,16 +120,41 @@ def test_animated_camera_parented_to_moving_scaled_empty():
         assert result.intrinsics[0, t, 0] == pytest.approx(lens * 32 / 36.0, rel=1e-5)
 
 
-def test_sheared_parent_still_gives_a_rigid_matrix():
+def test_a_camera_sheared_by_its_parent_is_refused_naming_the_parent():
     scene = empty_scene()
     parent = bpy.data.objects.new("Squash", None)
     scene.collection.objects.link(parent)
-    parent.scale, parent.rotation_euler = (1.0, 3.0, 0.5), (0.3, 0.2, 0.1)
+    parent.scale, parent.rotation_euler = (2.0, 0.7, 1.3), (0.3, 0.2, 0.1)
     cam = add_camera(scene, "Skewed", location=(0.2, 0.1, 1.0), rotation=(0.7, 0.4, 0.2))
     cam.parent = parent
-    c2w = rig.extract_rig(scene, [cam], 1, 1).c2w[0, 0]
+    with pytest.raises(ValueError, match=r"'Skewed' is sheared .* parent 'Squash'"):
+        rig.extract_rig(scene, [cam], 1, 1)
+
+
+@pytest.mark.parametrize("scale", [(1.1, 1.0, 1.0), (2.0, 0.7, 1.3)])
+def test_a_shear_the_intrinsics_absorb_is_represented_exactly(scale):
+    """A camera turned about its own Y axis under a parent scaled along X and Z: the shear
+    stays in the camera's X-Z plane, so principal point and focal lengths absorb it."""
+    scene = empty_scene()
+    scene.render.resolution_x, scene.render.resolution_y = 320, 240
+    parent = bpy.data.objects.new("Stretch", None)
+    scene.collection.objects.link(parent)
+    parent.scale = (scale[0], 1.0, scale[2])
+    parent.location = (0.3, -0.2, 0.1)
+    cam = add_camera(scene, "Turned", location=(0.0, -4.0, 0.5),
+                     rotation=(math.pi / 2, 0.0, 0.0))
+    cam.parent = parent
+    cam.rotation_euler = (math.pi / 2, 0.0, 0.0)
+    cam.rotation_mode = "XYZ"
+    cam.delta_rotation_euler = (0.0, 0.0, 0.0)
+    cam.rotation_euler.rotate_axis("Y", 0.4)
+    result = rig.extract_rig(scene, [cam], 1, 1)
+    c2w, intr = result.c2w[0, 0], result.intrinsics[0, 0]
     np.testing.assert_allclose(c2w[:3, :3].T @ c2w[:3, :3], np.eye(3), atol=1e-9)
-    assert np.linalg.det(c2w[:3, :3]) == pytest.approx(1.0)
+    assert not np.allclose(intr[2], 160.0), "the shear moved the principal point"
+    assert_projections_agree(scene, cam, c2w, intr,
+                             [np.array([0.5, 3.0, 0.3]), np.array([-1.0, 2.0, 1.2]),
+                              np.array([0.0, 0.0, 0.0])])
 
 
 @pytest.mark.parametrize("kind", ["ORTHO", "PANO"])
