@@ -5,8 +5,11 @@ zmq path:    protocol.encode (no copy) -> send_multipart(copy=False) -> recv(cop
 pickle path: pickle.dumps(dict of arrays) -> send -> recv -> pickle.loads: what sending the
              same arrays without the protocol would cost.
 Sender and receiver are separate processes; the receiver times from its request until the
-last message is decoded. Both paths run in the same invocation, alternating, so the ratio
-is measured side by side on the same machine state.
+last message is decoded. The receiver unpickles what arrives, so its socket admits only the
+sender: ZAP with the PLAIN mechanism and a random password the sender reads from its stdin
+(never from its command line); any other local process is refused at the handshake.
+Both paths run in the same invocation, alternating, so the ratio is measured side by side
+on the same machine state.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import secrets
 import statistics
 import subprocess
 import sys
@@ -34,11 +38,32 @@ def gaussian_arrays(n: int) -> dict[str, np.ndarray]:
             "sh0": rng.normal(size=(n, 3)).astype(np.float32)}
 
 
-def run_sender(address: str, n: int) -> None:
+BENCH_USER = "bench-sender"
+
+
+def open_receiver(ctx: zmq.Context):
+    """The receiver's DEALER on a free loopback port, admitting only PLAIN peers with the
+    returned password: (socket, address, password, authenticator to stop)."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    password = secrets.token_hex(16)
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_plain(domain="*", passwords={BENCH_USER: password})
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.plain_server = True
+    sock.bind("tcp://127.0.0.1:*")
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT), password, auth
+
+
+def run_sender(address: str, n: int, password: str) -> None:
     arrays = gaussian_arrays(n)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 1000
+    sock.plain_username = BENCH_USER.encode()
+    sock.plain_password = password.encode()
     sock.connect(address)
     while True:
         ident, request = sock.recv_multipart()
@@ -81,17 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "sender":
-        run_sender(args.address, args.gaussians)
+        run_sender(args.address, args.gaussians, sys.stdin.readline().strip())
         return 0
 
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.bind("tcp://127.0.0.1:*")
-    address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    sock, address, password, auth = open_receiver(ctx)
     sender = subprocess.Popen([sys.executable, "-m", "backend.tools.bench", "transfer", "--role",
                                "sender", "--address", address, "--gaussians",
-                               str(args.gaussians)])
+                               str(args.gaussians)], stdin=subprocess.PIPE, text=True)
+    sender.stdin.write(password + "\n")
+    sender.stdin.close()
     time.sleep(0.5)  # let the sender connect before the first request
     nbytes = sum(a.nbytes for a in gaussian_arrays(args.gaussians).values())
     times: dict[str, list[float]] = {"zmq": [], "pickle": []}
@@ -105,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sender.wait(30)
         sock.close()
+        auth.stop()
         ctx.term()
     gbps = {m: nbytes * args.messages / statistics.median(t) / 1e9 for m, t in times.items()}
     report = {"gaussians": args.gaussians, "message_bytes": nbytes,
