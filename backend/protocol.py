@@ -171,7 +171,11 @@ def _frame_size(frame: Any) -> int:
         return frame.buffer.nbytes
     if isinstance(frame, bytes | bytearray):
         return len(frame)
-    return memoryview(frame).nbytes
+    try:
+        return memoryview(frame).nbytes
+    except TypeError:
+        raise ProtocolError("bad_header", f"frame 0 is a {type(frame).__name__}, not "
+                            "bytes") from None
 
 
 def _parse_header(frame: Any, limits: Limits) -> dict[str, Any]:

@@ -180,7 +180,10 @@ def backend(tmp_path_factory, weights_dir):
     old = os.environ.get("FOURREAL_WEIGHTS")
     os.environ["FOURREAL_WEIGHTS"] = str(weights_dir)
     try:
-        proc = start_backend(tmp_path_factory.mktemp("backend"))
+        root = tmp_path_factory.mktemp("backend")
+        (root / "inputs").mkdir()
+        proc = start_backend(root, extra_args=["--input-folder", str(root / "inputs")])
+        proc.input_folder = root / "inputs"
     finally:
         if old is None:
             os.environ.pop("FOURREAL_WEIGHTS")
@@ -255,11 +258,11 @@ def test_generate_is_deterministic_per_seed(client):
     assert np.abs(first[1].astype(int) - other[1].astype(int)).max() > 0
 
 
-def test_generate_reads_a_movie_file(client, tmp_path):
+def test_generate_reads_a_movie_file(client, backend):
     import imageio.v3 as iio
 
     arrays = video_arrays(2, 3)
-    path = tmp_path / "input.mp4"
+    path = backend.input_folder / "input.mp4"  # paths are read inside --input-folder only
     iio.imwrite(path, np.repeat(arrays.pop("video"), 2, axis=0), fps=8, codec="libx264",
                 macro_block_size=8)
     outcome = client.run_job("generate", {"steps": 1, "video_path": str(path)}, arrays,
@@ -335,7 +338,7 @@ def test_unknown_model_name_lists_the_available_ones(client):
 
 def test_cancel_during_generation(client):
     arrays = video_arrays(2, 2)
-    job = client.submit("generate", {"steps": 200}, arrays)
+    job = client.submit_job("generate", {"steps": 200}, arrays, timeout=120)
     client.wait(lambda m: m.type == "progress" and m.get("stage") == "diffusion", timeout=120)
     client.cancel(job)
     outcome = client.collect(job, timeout=120)

@@ -202,3 +202,72 @@ def test_sequence_packing():
     with pytest.raises(ProtocolError, match=r"not 0\.\.1"):
         protocol.unpack_sequence({"t0000.a": packed["t0000.means"], "t0002.a": packed[
             "t0001.means"]})
+
+
+# ----------------------------------------------------------------- hostile headers
+
+def hello_header(**fields):
+    return [json.dumps({"v": 1, "type": "hello", "job": None, "arrays": [], **fields}).encode()]
+
+
+@pytest.mark.parametrize("job", ["abc\n", "CON", "nul", "Com1", "LPT9", "a" * 65, "", "a b"])
+def test_bad_job_ids_are_refused(job):
+    with pytest.raises(ProtocolError) as err:
+        decode(hello_header(job=job))
+    assert (err.value.code, err.value.field) == ("bad_field", "job")
+
+
+@pytest.mark.parametrize("name", ["means\n", "CON.txt", "aux", "a/b", "1a"])
+def test_bad_array_names_are_refused(name):
+    frames = [json.dumps({"v": 1, "type": "result", "job": None,
+                          "arrays": [{"name": name, "dtype": "uint8", "shape": [1]}]}).encode(),
+              b"\0"]
+    with pytest.raises(ProtocolError) as err:
+        decode(frames)
+    assert err.value.code == "bad_array"
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1", [1]])
+def test_only_the_integer_version_passes(version):
+    frames = [json.dumps({"v": version, "type": "hello"}).encode()]
+    with pytest.raises(ProtocolError) as err:
+        decode(frames)
+    assert err.value.code == "bad_version"
+
+
+def test_deeply_nested_json_is_a_bad_header():
+    depth = 30_000
+    raw = b'{"v": 1, "type": "hello", "x": ' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(ProtocolError) as err:
+        decode([raw], protocol.Limits(max_header_bytes=len(raw)))
+    assert err.value.code == "bad_header"
+
+
+class NoCopyFrame:
+    """A frame whose size is known but which must not be copied."""
+
+    def __init__(self, size: int):
+        self.buffer = memoryview(bytearray(1))
+        self._size = size
+
+    def __bytes__(self):
+        raise AssertionError("the header was copied before its size was checked")
+
+
+def test_header_size_is_checked_before_copying():
+    frame = NoCopyFrame(10)
+    frame.buffer = memoryview(bytearray(protocol.DEFAULT_LIMITS.max_header_bytes + 1))
+    with pytest.raises(ProtocolError) as err:
+        decode([frame])
+    assert err.value.code == "too_large"
+
+
+@pytest.mark.parametrize("address, loopback", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://127.3.2.1:1", True), ("tcp://localhost:1", True),
+    ("tcp://[::1]:1", True), ("ipc:///tmp/x", True), ("tcp://localhostx:1", False),
+    ("tcp://127.evil.example:1", False), ("tcp://0.0.0.0:1", False),
+    ("tcp://10.0.0.1:1", False), ("tcp://eth0:1", False)])
+def test_is_loopback_matches_whole_hosts(address, loopback):
+    from backend.server import is_loopback
+
+    assert is_loopback(address) is loopback
