@@ -74,6 +74,7 @@ class RunnerConfig:
     ping_after_s: float = 10.0  # ping a silent backend while a job is active
     dead_after_s: float = 20.0  # no answer this long after a ping: the backend is unreachable
     connect_timeout_s: float = 15.0  # no welcome this long after connecting: unreachable
+    receive_hwm: int | None = None  # messages the socket queues (None: zmq's default)
 
 
 @dataclass
@@ -176,7 +177,8 @@ class JobRunner:
             self.client.close()
         self._curve = {"curve_server_public": curve_server_public or None,
                        "curve_client_secret": curve_client_secret or None}
-        self.client = BackendClient(address, **self._curve)
+        self.client = BackendClient(address, **self._curve,
+                                    receive_hwm=self.config.receive_hwm)
         self.address = address
         self.backend_state, self.backend_error = "connecting", ""
         self._connect_started = self._last_heard = time.monotonic()

@@ -264,6 +264,7 @@ def test_backend_death_is_reported_and_the_job_fetched_after_restart(addon, tmp_
         request = workflows.JobRequest("convert", {"direction": "ply_to_gaussians"},
                                        ply_arrays(steps), [5, 6, 7], "Recovered")
         record = workflows.submit_and_import(run, scene, request)
+        pump(run.poll, lambda: record.state != "submitted", TIMEOUT)  # the backend's job id
         wait_for_cached_state(tmp_path / "cache", record.id, "done")
         local.process.send_signal(signal.SIGKILL)
         local.process.wait(TIMEOUT)
@@ -313,3 +314,29 @@ def test_scene_frames_of_results():
     assert workflows.scene_frames([0, 3], [10, 12]) == [10, 16]
     assert workflows.scene_frames([0, 1], []) == [1, 2]
     assert math.isclose(jobs.JobRecord("a", "b", step=3, of=4).fraction, 0.75)
+
+
+def test_results_lost_to_a_slow_add_on_are_fetched_by_ordinal(addon, tmp_path):
+    """A backend that drops what a busy Blender does not read (tiny queues): when `done`
+    says more results exist than arrived, the runner fetches the missing ones itself."""
+    from support import start_backend
+
+    proc = start_backend(tmp_path, extra_args=["--send-hwm", "5", "--backlog-limit", "3"])
+    run = jobs.JobRunner(jobs.RunnerConfig(receive_hwm=5))
+    try:
+        run.connect(proc.address)
+        pump(run.poll, lambda: run.backend_state == "ready", TIMEOUT)
+        c2w, intr = opencv_ring(150, size=64)
+        record = run.submit("render", {}, {**gaussian_sequence_arrays(1, 50, seed=2)[0],
+                                           "c2w": c2w, "intrinsics": intr})
+        ref = record.id
+        pump(run.poll, lambda: record.state != "submitted", TIMEOUT)
+        assert record.id != ref and len(record.id) == 32, "the backend named the job"
+        wait_for_cached_state(proc.cache_dir, record.id, "done")  # Blender was busy
+        pump(run.poll, finished(record), TIMEOUT)
+        assert record.state == "done", record.error_text
+        assert record.fetch_rounds >= 1, "missing results were fetched"
+        assert sorted(r["ordinal"] for r in record.results) == list(range(150))
+    finally:
+        run.close()
+        assert proc.stop() == 0
