@@ -307,10 +307,10 @@ class Server:
             cached = (job.id, ordinal)
         elif tag == b"progress":
             progress_of = job.id
+        if tag == b"final":
+            self._finish(job)  # the cache is tidied before the client hears the job ended
         for peer in job.watchers:
             self._send(peer, frames, cached=cached, progress_of=progress_of)
-        if tag == b"final":
-            self._finish(job)
 
     def _finish(self, job: Job) -> None:
         self.jobs.pop(job.id, None)
@@ -484,6 +484,8 @@ class Server:
     def _on_hello(self, peer: bytes, identity: str, msg: protocol.Message) -> None:
         from backend.models import available_models
 
+        self._check_worker()
+
         models = {name: {k: v for k, v in info.items() if k != "path"}
                   for name, info in available_models().items()}
         cfg = self.config
@@ -498,6 +500,7 @@ class Server:
             queue=len(self.pending) + (self.running is not None)))
 
     def _on_submit(self, peer: bytes, identity: str, msg: protocol.Message) -> None:
+        self._check_worker()
         if self.problem is not None:
             raise protocol.ProtocolError("unavailable", f"this backend cannot run jobs: "
                                          f"{self.problem}")
