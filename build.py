@@ -11,6 +11,8 @@
     python3 build.py eval diffusion|recon|all ...            evaluate trained weights
     python3 build.py eval fit [--scenes DIR --preset P]      the fitting stage on Blender scenes
     python3 build.py addon            build the Blender extension zip dist/fourreal_4d-<version>.zip
+    python3 build.py gpu-check --prepare | --out DIR | --dry-run --out DIR
+                                      the GPU halves in one time-boxed run (no .venv needed)
 
 Standard library only: it runs on a bare Python 3.11 and sets up everything else itself.
 """
@@ -267,6 +269,18 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     return run_in_venv(["-m", "backend.tools.bench", *extra])
 
 
+def cmd_gpu_check(args: argparse.Namespace, extra: list[str]) -> int:
+    """The GPU halves in one time-boxed run (backend/tools/gpu_check.py). On the GPU machine it
+    runs under this interpreter (the machine's python3) and needs no .venv; `--dry-run` runs
+    the same plan on the CPU in .venv."""
+    if "--dry-run" in extra:
+        return run_in_venv(["-m", "backend.tools.gpu_check", *extra])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return subprocess.run([sys.executable, "-m", "backend.tools.gpu_check", *extra], cwd=ROOT,
+                          env=env).returncode
+
+
 # ----------------------------------------------------------------------------- addon
 
 ADDON_SOURCE = ROOT / "blender_addon"
@@ -472,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("eval", help="evaluate: eval diffusion|recon|all --weights DIR ...",
                    add_help=False)
     sub.add_parser("bench", help="run a benchmark: bench transfer [--json PATH]", add_help=False)
+    sub.add_parser("gpu-check", help="the GPU halves in one prepared run: gpu-check --prepare "
+                   "(here, downloads wheels), gpu-check --out DIR (on a bare CUDA machine), "
+                   "gpu-check --dry-run --out DIR (the plan on the CPU)", add_help=False)
     p_addon = sub.add_parser("addon", help="build the Blender extension zip into dist/")
     p_addon.add_argument("--output", default=str(ROOT / "dist"), help="folder for the zip")
     p_addon.add_argument("--pyzmq", default=ADDON_PYZMQ, help="pyzmq version to bundle")
@@ -489,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return cmd_setup(args)
     handler = {"demo": cmd_demo, "test": cmd_test, "serve": cmd_serve, "bench": cmd_bench,
-               "train": cmd_train, "eval": cmd_eval}[args.command]
+               "train": cmd_train, "eval": cmd_eval, "gpu-check": cmd_gpu_check}[args.command]
     return handler(args, extra)
 
 
