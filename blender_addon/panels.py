@@ -119,7 +119,7 @@ class FOURREAL_PT_result(_Panel, bpy.types.Panel):
     def draw(self, context):
         layout, settings = self.layout, context.scene.fourreal
         asset = pointcloud.asset_of(context.active_object)
-        layout.label(text=f"{asset.name}: {len(pointcloud.timestep_objects(asset))} timesteps")
+        layout.label(text=f"{asset.name}: {len(pointcloud.asset_frames(asset))} timesteps")
         node = pointcloud.asset_group_of(asset).nodes["Settings"]
         for name in ("Viewport Splats", "Render Splats", "Viewport Ratio", "Sigma Extent",
                      "Splat Subdivisions", "Dilation", "Blend Stored Values"):
