@@ -71,7 +71,10 @@ def test_worker_survives_when_recording_the_failure_fails_too(single):
         c.wait(lambda m: m.job == job and m.type == "result", TIMEOUT)
         # The job folder disappears under the running job: its next result cannot be stored,
         # and neither can the failure.
-        shutil.rmtree(single.cache_dir / "jobs" / job)
+        # (Moved away in one step, then deleted: the worker may be writing into it.)
+        gone = single.cache_dir / f"gone-{job}"
+        (single.cache_dir / "jobs" / job).rename(gone)
+        shutil.rmtree(gone, ignore_errors=True)
         outcome = c.collect(job, TIMEOUT)
         assert outcome.final.type == "error", outcome.final
         assert outcome.final["code"] == "job_failed"
