@@ -45,6 +45,13 @@ BARE_MACHINE_HAS = {"torch", "numpy", "safetensors", "imageio", "pillow", "typin
                     "filelock", "sympy", "networkx", "jinja2", "fsspec", "setuptools", "triton",
                     "markupsafe", "mpmath"}
 DEV_FOR_GPU = ("pytest", "hypothesis")  # the gpu tests run under pytest
+# Left out of --prepare by default: no part writes movies (imageio's ffmpeg plugin, 65 MiB).
+SKIP_BY_DEFAULT = ("imageio-ffmpeg",)
+# A GPU machine whose image already holds these (the device lab's does, see the README) needs
+# only `--prepare --machine-has-numba`: then the wheels fit a 64 MiB transfer.
+NUMBA_STACK = ("numba", "llvmlite", "pytest", "hypothesis", "jaxtyping", "rich", "ninja",
+               "packaging", "pygments", "markdown-it-py", "mdurl", "pluggy", "iniconfig",
+               "sortedcontainers", "wadler-lindig")
 
 
 def normalise(name: str) -> str:
@@ -107,27 +114,35 @@ def pip_command() -> list[str]:
     raise SystemExit("gpu_check: pip is needed (this python or .venv's)")
 
 
-def prepare(folder: Path = WHEELS) -> int:
+def _requirement_name(requirement: str) -> str:
+    return normalise(re.split(r"[<>=!~ ;\[]", requirement)[0])
+
+
+def prepare(folder: Path = WHEELS, skip: tuple[str, ...] = SKIP_BY_DEFAULT) -> int:
     """Download the cp312 manylinux wheels the bare machine needs, closing over their
-    dependencies (what the bare machine already has excepted)."""
+    dependencies (what the bare machine already has, and `skip`, excepted)."""
+    skipped = {normalise(name) for name in skip}
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     platform = [arg for p in TARGET_PLATFORMS for arg in ("--platform", p)]
-    wanted = wheel_requirements()
+    wanted = [r for r in wheel_requirements() if _requirement_name(r) not in skipped]
     for _ in range(6):
         print(f"gpu_check: downloading {' '.join(wanted)}", flush=True)
         subprocess.run([*pip_command(), "download", "--no-deps", "--only-binary=:all:",
                         "--python-version", TARGET_PYTHON, "--implementation", "cp", *platform,
                         "-d", str(folder), *wanted], check=True)
-        wanted = missing_requirements(sorted(folder.glob("*.whl")))
+        wanted = [r for r in missing_requirements(sorted(folder.glob("*.whl")))
+                  if r not in skipped]
         if not wanted:
             break
     wheels = sorted(folder.glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20
     for wheel in wheels:
         print(f"  {wheel.name} ({wheel.stat().st_size / 2**20:.1f} MiB)")
+    missing = [r for r in missing_requirements(wheels) if r not in skipped]
     print(f"gpu_check: {len(wheels)} wheels, {size:.1f} MiB in {folder}; still missing: "
-          f"{missing_requirements(wheels) or 'nothing'}")
+          f"{missing or 'nothing'}; left out (the machine must have them or not need them): "
+          f"{', '.join(sorted(skipped)) or 'nothing'}")
     return 0
 
 
@@ -703,9 +718,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="total seconds for the run (default %(default)s)")
     parser.add_argument("--part", action="append", metavar="NAME",
                         help="run only these parts (repeatable)")
+    parser.add_argument("--skip", action="append", metavar="NAME", default=None,
+                        help="with --prepare: a package the GPU machine has or the run does "
+                        f"not need (repeatable; default: {', '.join(SKIP_BY_DEFAULT)})")
+    parser.add_argument("--machine-has-numba", action="store_true",
+                        help="with --prepare: the machine's image holds numba, pytest and "
+                        "their dependencies (as the device lab's does): carry only gsplat, "
+                        "pyzmq and what they need, under 64 MiB")
     args = parser.parse_args(argv)
     if args.prepare:
-        return prepare()
+        skip = tuple(args.skip if args.skip is not None else SKIP_BY_DEFAULT)
+        return prepare(skip=skip + (NUMBA_STACK if args.machine_has_numba else ()))
     if args.out is None:
         parser.error("--out DIR is needed (or --prepare)")
     args.out.mkdir(parents=True, exist_ok=True)
