@@ -323,6 +323,7 @@ def fit_cells(
         keep = 1 / (1 + np.exp(-seq[0].opacity_logits)) >= settings.min_opacity
         seq = [g.subset(keep) for g in seq]
     summary = {"background": [round(float(c), 4) for c in background],
+               "environment": report.environment,
                "preset": settings.fit, "gaussians": len(seq[0]),
                "initial_gaussians": report.initial_count, "seconds": report.seconds,
                "steps": report.steps}

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from backend.cameras import orbit_rig
+from backend.cameras import c2w_to_viewmat, intrinsics_to_K, orbit_rig
 from backend.fit import FitCancelled, FitConfig, FitTarget, fit_gaussians
+from backend.fit import environment as environment_module
 from backend.fit.density import GradientStats, densify_and_prune
+from backend.fit.environment import Environment
 from backend.fit.init import plane_sweep_init
 from backend.fit.losses import nearest_neighbours, neighbour_weights, rigidity_losses
 from backend.fit.state import FitGaussians, quat_multiply, quat_to_matrix
@@ -30,6 +32,16 @@ def ring(num: int, size: int, height: float = 2.0, start: float = 0.0):
 
 def renders(g: Gaussians, c2w, intr) -> torch.Tensor:  # -> [C, 3, H, W]
     return rasterize_gaussians(g, c2w, intr, background=BACKGROUND).rgb.permute(0, 3, 1, 2)
+
+
+def over_environment(g: Gaussians, c2w, intr, report) -> torch.Tensor:  # [C, H, W, 3]
+    """Renders over the fit's learned environment (what rays that miss the Gaussians see)."""
+    out = rasterize_gaussians(g, c2w, intr)
+    H, W = out.rgb.shape[1:3]
+    behind = Environment.from_list(report.environment).image(
+        c2w_to_viewmat(torch.as_tensor(c2w).float()),
+        intrinsics_to_K(torch.as_tensor(intr).float()), W, H)
+    return out.rgb + (1 - out.alpha) * behind
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -61,14 +73,14 @@ def test_fitting_recovers_the_renders_of_a_scene_and_beats_copying_at_new_camera
     c2w, intr = ring(8, 40)
     held_c2w, held_intr = ring(3, 40, height=2.5, start=0.4)
     config = FitConfig.preset("fast", static_steps=200, init_resolution=40, views_per_step=4)
-    seq, background, report = fit_gaussians([target(renders(scene, c2w, intr), c2w, intr)],
+    seq, _background, report = fit_gaussians([target(renders(scene, c2w, intr), c2w, intr)],
                                             config)
     assert len(seq) == 1 and report.steps["fit"] == 200
-    fitted = rasterize_gaussians(seq[0], c2w, intr, background=background).rgb
+    fitted = over_environment(seq[0], c2w, intr, report)
     truth = renders(scene, c2w, intr).permute(0, 2, 3, 1)
     assert psnr(fitted, truth) > 35.0
     held_truth = renders(scene, held_c2w, held_intr)
-    held = rasterize_gaussians(seq[0], held_c2w, held_intr, background=background).rgb
+    held = over_environment(seq[0], held_c2w, held_intr, report)
     mean_colour = held_truth.mean(dim=(0, 2, 3), keepdim=True).expand_as(held_truth)
     assert psnr(held.permute(0, 3, 1, 2), held_truth) > psnr(mean_colour, held_truth) + 6.0
 
@@ -166,7 +178,28 @@ def test_fit_runs_on_cuda_through_gsplat():
     c2w, intr = ring(8, 64)
     tgt = target(renders(scene, c2w, intr), c2w, intr)
     config = FitConfig.preset("fast", init_resolution=64)
-    seq, background, report = fit_gaussians([tgt], config, device="cuda")
-    fitted = rasterize_gaussians(seq[0], c2w, intr, background=background).rgb
+    seq, _background, report = fit_gaussians([tgt], config, device="cuda")
+    fitted = over_environment(seq[0], c2w, intr, report)
     assert psnr(fitted.permute(0, 3, 1, 2), renders(scene, c2w, intr)) > 30.0
     assert report.steps["fit"] == config.static_steps
+
+
+def test_environment_is_a_colour_per_direction():
+    c2w, intr = ring(2, 9)
+    viewmats = c2w_to_viewmat(torch.tensor(c2w).float())
+    Ks = intrinsics_to_K(torch.tensor(intr).float())
+    rays = environment_module.ray_directions(viewmats, Ks, 9, 9)
+    assert torch.allclose(rays.norm(dim=-1), torch.ones(2, 9, 9), atol=1e-5)
+    forward = torch.tensor(c2w[:, :3, 2]).float()  # the centre pixel looks along +z
+    assert torch.allclose(rays[:, 4, 4], forward, atol=1e-5)
+    flat = Environment.constant(torch.tensor([0.2, 0.5, 0.9]), 2)
+    assert torch.allclose(flat.image(viewmats, Ks, 9, 9), torch.tensor([0.2, 0.5, 0.9]),
+                          atol=1e-6)
+    # a gradient with height (z up) is one degree-1 coefficient: brighter looking up
+    coeffs = flat.coeffs.clone()
+    coeffs[2] = 0.3
+    sky = Environment(coeffs)
+    assert (sky(torch.tensor([0.0, 0.0, 1.0])) > sky(torch.tensor([0.0, 0.0, -1.0]))).all()
+    assert Environment.from_list(sky.to_list()).coeffs.allclose(coeffs, atol=1e-5)
+    with pytest.raises(ValueError, match="coefficients"):
+        Environment(torch.zeros(5, 3))

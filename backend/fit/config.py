@@ -31,6 +31,7 @@ class FitConfig:
     init_max_points: int = 20000
     init_cost_quantile: float = 0.6  # keep the best-matching fraction of pixels
     init_opacity: float = 0.5
+    init_ground: bool = True  # find a ground plane and seed it where the views match it
     # ------------------------------------------------------------------ optimisation
     lr: float = 1.0  # multiplies every learning rate below
     means_lr: float = 4e-3  # x the mean camera distance
@@ -39,6 +40,7 @@ class FitConfig:
     opacity_lr: float = 0.1  # of the opacity logits
     colors_lr: float = 2e-2  # of the DC SH coefficients
     background_lr: float = 2e-2
+    environment_degree: int = 2  # a learned background varies with direction (0: one colour)
     ssim_weight: float = 0.2
     opacity_weight: float = 1e-3  # mean opacity penalty: fewer floaters
     min_pixel_size: float = 0.5  # splats are kept at least this many pixels wide (sigma)
@@ -50,7 +52,7 @@ class FitConfig:
     split_size: float = 0.01  # Gaussians larger than this (x rig scale) are split
     prune_opacity: float = 0.02
     max_gaussians: int = 60000
-    opacity_reset_every: int = 0  # 0: no reset
+    opacity_reset_every: int = 100  # steps (at a densification step); 0: no reset
     # ------------------------------------------------------------------ tracking
     rigidity_weight: float = 4.0
     rotation_weight: float = 1.0
@@ -69,6 +71,8 @@ class FitConfig:
         if self.views_per_step < 1 or self.init_resolution < 8 or self.init_depths < 2:
             raise ValueError("FitConfig: views_per_step >= 1, init_resolution >= 8 and "
                              "init_depths >= 2 are needed")
+        if self.environment_degree > 3:
+            raise ValueError("FitConfig.environment_degree must be 0..3")
         if not 0 < self.init_cost_quantile <= 1 or not 0 < self.init_opacity < 1:
             raise ValueError("FitConfig: init_cost_quantile in (0, 1], init_opacity in (0, 1)")
 
@@ -79,9 +83,11 @@ class FitConfig:
             raise ValueError(f"fit preset: expected one of {PRESETS}, got {name!r}")
         base = {
             "fast": dict(static_steps=120, track_steps=15, joint_steps=0, views_per_step=3,
-                         init_max_points=10000, max_gaussians=25000, densify_every=40),
+                         init_max_points=10000, max_gaussians=25000, densify_every=40,
+                         opacity_reset_every=0),
             "default": {},
             "quality": dict(static_steps=800, track_steps=100, joint_steps=300,
-                            views_per_step=6, init_max_points=40000, max_gaussians=150000),
+                            views_per_step=6, init_max_points=40000, max_gaussians=150000,
+                            opacity_reset_every=200),
         }[name]
         return replace(cls(), **{**base, **overrides})

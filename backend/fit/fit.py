@@ -24,6 +24,7 @@ from torch import Tensor
 
 from backend.fit.config import FitConfig
 from backend.fit.density import GradientStats, densify_and_prune, reset_opacity
+from backend.fit.environment import Environment
 from backend.fit.init import plane_sweep_init
 from backend.fit.losses import (
     nearest_neighbours,
@@ -52,6 +53,7 @@ class FitReport:
     initial_count: int = 0
     losses: dict[str, float] = field(default_factory=dict)
     density: list[dict[str, int]] = field(default_factory=list)
+    environment: list[list[float]] | None = None  # learned background SH coefficients
 
 
 class _Fitter:
@@ -67,8 +69,9 @@ class _Fitter:
         self.extent = float(centres.norm(dim=-1).mean().clamp(min=1e-6))
         self.learn_background = background is None
         start = background if background is not None else self._border_colour()
-        self.background = start.to(device).float().clone().requires_grad_(
-            self.learn_background)
+        degree = config.environment_degree if self.learn_background else 0
+        self.environment = Environment.constant(start.to(device), degree)
+        self.environment.coeffs.requires_grad_(self.learn_background)
         self.report = FitReport()
         self.started = time.perf_counter()
 
@@ -106,7 +109,7 @@ class _Fitter:
             views = [v for i, v in cells if i == index]
             images, viewmats, Ks, w, h = target.cameras(views, t, half)
             out = rasterize(**params, viewmats=viewmats, Ks=Ks, width=w, height=h)
-            rgb = out.rgb + (1 - out.alpha) * self.background
+            rgb = out.rgb + (1 - out.alpha) * self._behind(viewmats, Ks, w, h)
             weights = target.weights[views, t]
             loss = photometric(rgb.permute(0, 3, 1, 2), images, weights,
                                self.config.ssim_weight)
@@ -117,6 +120,12 @@ class _Fitter:
                 self._pending_stats = (viewmats, Ks, w)
         loss = total / max(weight_sum, 1e-12)
         return loss + self._regularisers(params, torch.stack(floors).amin(dim=0))
+
+    def _behind(self, viewmats: Tensor, Ks: Tensor, w: int, h: int) -> Tensor:
+        """What rays that miss the Gaussians see: [C, h, w, 3], or [3] for one colour."""
+        if self.environment.degree == 0:
+            return self.environment.colour()
+        return self.environment.image(viewmats, Ks, w, h)
 
     @staticmethod
     def _pixel_size(means: Tensor, viewmats: Tensor, Ks: Tensor) -> Tensor:  # -> [N]
@@ -217,7 +226,7 @@ class _Fitter:
                   ([g.log_scales], cfg.scales_lr), ([g.opacity_logits], cfg.opacity_lr),
                   ([g.sh0], cfg.colors_lr)]
         if self.learn_background:
-            groups.append(([self.background], cfg.background_lr))
+            groups.append(([self.environment.coeffs], cfg.background_lr))
         return self._optimizer(groups)
 
     def track(self, g: FitGaussians, first: int) -> None:
@@ -269,6 +278,8 @@ class _Fitter:
         groups = [(g.means, cfg.means_lr * self.extent * 0.1), (g.quats, cfg.quats_lr),
                   ([g.log_scales], cfg.scales_lr), ([g.opacity_logits], cfg.opacity_lr),
                   ([g.sh0], cfg.colors_lr)]
+        if self.learn_background:
+            groups.append(([self.environment.coeffs], cfg.background_lr))
         optimizer = self._optimizer(groups)
         done = 0
         for step in range(cfg.joint_steps if observed else 0):
@@ -303,7 +314,8 @@ def fit_gaussians(
 ) -> tuple[list[Gaussians], Tensor, FitReport]:
     """Fit persistent Gaussians to the targets' cells; returns one Gaussians container per
     timestep (index i is the same Gaussian in each, in the targets' normalised frame), the
-    background colour [3] and a report (time and steps per phase, counts, losses)."""
+    background colour [3] (a learned environment's mean colour; its coefficients are in
+    the report) and a report (time and steps per phase, counts, losses)."""
     config = config or FitConfig()
     if not targets:
         raise ValueError("fit_gaussians: no targets")
@@ -325,4 +337,6 @@ def fit_gaussians(
     if config.joint_steps:
         fitter.polish(g, first)
     fitter.report.count = len(g)
-    return g.to_gaussians(), fitter.background.detach().cpu(), fitter.report
+    if fitter.learn_background:
+        fitter.report.environment = fitter.environment.to_list()
+    return g.to_gaussians(), fitter.environment.colour().detach().cpu(), fitter.report

@@ -23,8 +23,21 @@ from backend.fit.config import FitConfig
 
 DEPTH_AGREEMENT = 0.05  # relative depth difference for two views to agree
 DISTINCT_RATIO = 0.6  # best cost must be below this fraction of the median cost
+UNIQUE_RATIO = 0.8  # ... and below this fraction of the best cost at a different depth
 MIN_TEXTURE = 0.02  # local colour spread a pixel needs to be matched (flat sky has none)
 WINDOW = 5  # matching window (pixels at the sweep resolution)
+GROUND_SUPPORT = 0.15  # share of the matched points a ground plane must hold
+GROUND_TOLERANCE = 0.03  # inlier distance to the plane (x the mean camera distance)
+SKY_COLOUR = 0.1  # mean absolute difference from the sky's colour that still counts as sky
+GROUND_FAR = 50.0  # ground points up to this many mean camera distances away
+RING_HEIGHT_SPREAD = 0.05  # cameras within this x distance of one height form a flat ring
+HORIZON_BAND = 3.0  # pixels (at the sweep resolution) either side of the horizon left out
+GROUND_COST_SLACK = 2.0  # ground pixels may match this x worse than the kept stereo points
+PLANE_SEARCH = 0.06  # the plane's offset is searched this far either way (x distance)
+GROUND_NEAR = 2.0  # ... matching the ground within this x the mean camera distance
+GROUND_TRUSTED_BEYOND = 1.5  # x each camera's distance to the rig centre (z-depth)
+GROUND_IN_FRONT = 0.9  # a matched point this much nearer than the ground hides it
+GROUND_PREFERENCE = 1.5  # the ground takes a pixel it matches within this x its best cost
 
 
 @dataclass
@@ -84,8 +97,9 @@ def sweep_depths(images: Tensor, c2w: Tensor, intr: Tensor, depths: Tensor,
     """Plane sweep of every view against its source views.
 
     images [V, 3, h, w] in [0, 1]; c2w [V, 4, 4]; intr [V, 6] at (w, h); depths [V, D];
-    sources [V, S]. Returns best depth [V, h, w], its cost [V, h, w] and the median cost
-    over the hypotheses [V, h, w].
+    sources [V, S]. Returns best depth [V, h, w], its cost [V, h, w] and the cost it is
+    compared with [V, h, w]: the median over the hypotheses, or less when another depth
+    nearly matches as well (scaled so `cost < DISTINCT_RATIO * it` tests both).
     """
     V, _, h, w = images.shape
     viewmats = c2w_to_viewmat(c2w)
@@ -117,8 +131,14 @@ def sweep_depths(images: Tensor, c2w: Tensor, intr: Tensor, depths: Tensor,
         value, index = cost.min(dim=0)
         best_depth[r] = _refine_depth(cost, index, depths[r])
         best_cost[r] = value
+        # Uniqueness: the best cost away from the best hypothesis (an edge along the
+        # epipolar lines, as the horizon seen from a ring at one height, matches at many).
+        hypothesis = torch.arange(len(cost))[:, None, None]
+        away = (hypothesis - index[None]).abs() > max(2, len(cost) // 8)
         finite = cost.masked_fill(~torch.isfinite(cost), float("nan"))
-        median_cost[r] = finite.nanmedian(dim=0).values
+        median_cost[r] = torch.minimum(finite.nanmedian(dim=0).values,
+                                       cost.masked_fill(~away, float("inf")).amin(dim=0)
+                                       / DISTINCT_RATIO * UNIQUE_RATIO)
     return best_depth, best_cost, median_cost
 
 
@@ -154,6 +174,107 @@ def consistent(depth: Tensor, c2w: Tensor, intr: Tensor, sources: Tensor) -> Ten
     return agree
 
 
+def fit_ground_plane(points: Tensor, c2w: Tensor, generator: torch.Generator,
+                     iterations: int = 256) -> tuple[Tensor, Tensor] | None:
+    """The dominant plane under the rig (RANSAC, then least squares on its inliers): unit
+    normal [3] pointing to the cameras and offset [] with n.x + d = 0, or None when no plane
+    holds GROUND_SUPPORT of the points with every camera on the same side, above it."""
+    if len(points) < 50:
+        return None
+    scale = c2w[:, :3, 3].norm(dim=-1).mean()
+    tolerance = GROUND_TOLERANCE * scale
+    picks = torch.randint(len(points), (iterations, 3), generator=generator)
+    a, b, c = points[picks[:, 0]], points[picks[:, 1]], points[picks[:, 2]]
+    normals = torch.linalg.cross(b - a, c - a)
+    length = normals.norm(dim=-1, keepdim=True)
+    ok = length[:, 0] > 1e-9
+    normals = normals / length.clamp(min=1e-12)
+    offsets = -(normals * a).sum(dim=-1)
+    side = c2w[:, :3, 3] @ normals.T + offsets  # [V, iterations]
+    flip = side.mean(dim=0) < 0
+    normals, offsets, side = (torch.where(flip[:, None], -normals, normals),
+                              torch.where(flip, -offsets, offsets),
+                              torch.where(flip[None], -side, side))
+    ok &= (side > 0.1 * scale).all(dim=0)  # every camera clearly above it
+    inliers = ((points @ normals.T + offsets).abs() < tolerance) & ok[None]
+    counts = inliers.sum(dim=0)
+    best = int(counts.argmax())
+    if counts[best] < GROUND_SUPPORT * len(points):
+        return None
+    chosen = points[inliers[:, best]]
+    for shrink in (1.0, 0.5, 0.25):  # least squares on the inliers, tightening
+        centre = chosen.median(dim=0).values
+        normal = torch.linalg.svd(chosen - chosen.mean(dim=0), full_matrices=False).Vh[-1]
+        if ((c2w[:, :3, 3] - centre) @ normal).mean() < 0:
+            normal = -normal
+        distance = (points - centre) @ normal
+        near = distance.abs() < tolerance * shrink
+        if near.sum() < 3:
+            break
+        chosen = points[near]
+    centre = chosen.median(dim=0).values
+    return normal, -(normal * centre).sum()
+
+
+def refine_plane_offset(images: Tensor, c2w: Tensor, intr: Tensor,
+                        plane: tuple[Tensor, Tensor], sources: Tensor, usable: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+    """The plane moved along its normal to where the views match it best (the median
+    matching cost over the `usable` [V, h, w] pixels that meet it): the stereo points it was
+    fitted to sit slightly in front of a surface seen at a grazing angle."""
+    normal, offset = plane
+    scale = float(c2w[:, :3, 3].norm(dim=-1).mean())
+    best, best_score = offset, float("inf")
+    for shift in torch.linspace(-PLANE_SEARCH, PLANE_SEARCH, 21).tolist():
+        candidate = (normal, offset + shift * scale)
+        _, _depth, hit, cost = ground_costs(images, c2w, intr, candidate, sources,
+                                           GROUND_NEAR * scale)
+        chosen = cost[hit & usable]
+        chosen = chosen[torch.isfinite(chosen)]
+        if len(chosen) > 100 and float(chosen.median()) < best_score:
+            best, best_score = candidate[1], float(chosen.median())
+    return normal, best
+
+
+def ground_costs(images: Tensor, c2w: Tensor, intr: Tensor, plane: tuple[Tensor, Tensor],
+                 sources: Tensor, far: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each pixel's ray against the ground plane: the point where it meets it [V, h, w, 3],
+    that depth [V, h, w], whether it meets it in front of the camera within `far`
+    [V, h, w] and the matching cost of that point in the source views [V, h, w] (as the
+    sweep's). Sky pixels never meet it; an object's pixels match it poorly."""
+    normal, offset = plane
+    V, _, h, w = images.shape
+    viewmats = c2w_to_viewmat(c2w)
+    dirs = _directions(intr, h, w)
+    all_points, all_depths, all_hits, all_costs = [], [], [], []
+    for r in range(V):
+        rays = dirs[r] @ c2w[r, :3, :3].T  # z-depth 1
+        height = c2w[r, :3, 3] @ normal + offset
+        along = rays @ normal
+        depth = -height / along.masked_fill(along >= 0, -1e-12)
+        hit = (along < -1e-6) & (depth * rays.norm(dim=-1) < far)
+        depth = torch.where(hit, depth, torch.ones_like(depth))
+        points = c2w[r, :3, 3] + rays * depth[..., None]
+        per_source = []
+        for s in sources[r].tolist():
+            uv, zs = _project(points, viewmats[s], intr[s])
+            colour = _sample(images[s], uv, h, w)
+            diff = (colour - images[r].permute(1, 2, 0)).abs().mean(dim=-1)
+            per_source.append(diff.masked_fill(zs <= 0, float("nan")))
+        stack = torch.stack(per_source)
+        valid = ~stack.isnan()
+        window = F.avg_pool2d(stack.nan_to_num(1.0)[:, None], WINDOW, 1, WINDOW // 2,
+                              count_include_pad=False)[:, 0].masked_fill(~valid, float("inf"))
+        keep = max(1, math.ceil(stack.shape[0] / 2))
+        cost = window.topk(keep, dim=0, largest=False).values.mean(dim=0)
+        all_points.append(points)
+        all_depths.append(depth)
+        all_hits.append(hit)
+        all_costs.append(torch.where(hit, cost, torch.full_like(cost, float("inf"))))
+    return (torch.stack(all_points), torch.stack(all_depths), torch.stack(all_hits),
+            torch.stack(all_costs))
+
+
 def plane_sweep_init(images: Tensor, c2w: Tensor, intr: Tensor, config: FitConfig,
                      generator: torch.Generator) -> InitPoints:
     """Initial points from one timestep's views.
@@ -176,6 +297,12 @@ def plane_sweep_init(images: Tensor, c2w: Tensor, intr: Tensor, config: FitConfi
     sources = neighbour_views(c2w, 4)
     depth, cost, median = sweep_depths(small, c2w, intr_small, depths, sources)
     good = torch.isfinite(cost) & (cost < DISTINCT_RATIO * median)
+    # A best match at either end of the sweep is unresolved (the horizon, where sky meets
+    # the ground, matches "as far as possible"): such points float above and around the scene.
+    step = inverse[0] - inverse[1]
+    inside = (distance[:, None, None] / depth - inverse[-1] > 1.5 * step) & (
+        inverse[0] - distance[:, None, None] / depth > 1.5 * step)
+    good &= inside
     good &= local_spread(small) > MIN_TEXTURE
     if good.any():
         good &= cost <= torch.quantile(cost[good], config.init_cost_quantile)
@@ -188,11 +315,60 @@ def plane_sweep_init(images: Tensor, c2w: Tensor, intr: Tensor, config: FitConfi
     means, colors, sizes = points[good], colours[good], footprint[good]
     if len(means) == 0:
         return _sphere_init(distance.mean().item(), config, generator, small)
-    if len(means) > config.init_max_points:
-        pick = torch.randperm(len(means), generator=generator)[:config.init_max_points]
-        means, colors, sizes = means[pick], colors[pick], sizes[pick]
-        sizes = sizes * math.sqrt(good.sum().item() / config.init_max_points)
+    budget = config.init_max_points
+    plane = fit_ground_plane(means, c2w, generator) if config.init_ground else None
+    if plane is not None:
+        # The ground first, as far as it is seen and matches. With every ring camera at one
+        # height, anything at eye level projects onto every view's horizon, so stereo alone
+        # cannot tell the far ground's edge from points floating at eye level: a pixel the
+        # ground explains about as well as its best depth is given to the ground.
+        max_cost = float(torch.quantile(cost[good], config.init_cost_quantile))
+        sky = small[..., : max(1, h // 16), :].permute(0, 2, 3, 1).reshape(-1, 3).median(
+            dim=0).values
+        sky_coloured = (colours - sky).abs().mean(dim=-1) < SKY_COLOUR
+        plane = refine_plane_offset(small, c2w, intr_small, plane, sources, ~sky_coloured)
+        g_points, g_depth, g_hit, g_cost = ground_costs(
+            small, c2w, intr_small, plane, sources, GROUND_FAR * distance.mean().item())
+        explained = g_hit & (g_cost <= GROUND_PREFERENCE * cost.clamp(min=1e-3))
+        height = points @ plane[0] + plane[1]
+        tolerance = GROUND_TOLERANCE * distance.mean()
+        # Sky-coloured pixels whose ray never meets the ground are sky: the environment.
+        skyward = ~g_hit & sky_coloured
+        objects = good & ~skyward & ((height > tolerance) | ~explained)
+        heights = c2w[:, :3, 3] @ plane[0] + plane[1]
+        if heights.std() < RING_HEIGHT_SPREAD * distance.mean():
+            # Cameras at one height: pixels near the horizon have their epipolar lines along
+            # it, so their depth is not determined (eye-level points match at any distance).
+            rays = torch.einsum("vhwk,vjk->vhwj", dirs, c2w[:, :3, :3])
+            slope = (rays @ plane[0]).abs() / rays.norm(dim=-1)
+            objects &= slope > math.sin(HORIZON_BAND * math.atan(1 / intr_small[:, 0].mean()))
+        # The ground wherever the ray meets it, unless a matched point stands in front.
+        # (Sky-coloured pixels below the horizon see past the ground's edge.)
+        # Near the rig the ground must match; far away (behind the scene) its texture is
+        # too fine to match at the sweep resolution and the plane alone is trusted.
+        far_ground = g_depth > GROUND_TRUSTED_BEYOND * distance[:, None, None]
+        on_ground = (g_hit & ~sky_coloured & ~objects
+                     & ((g_cost <= GROUND_COST_SLACK * max_cost) | far_ground))
+        ground = (g_points[on_ground], colours[on_ground],
+                  (g_depth / intr_small[:, 0, None, None])[on_ground])
+        share = min(len(ground[0]), budget // 2)
+        ground = _subsample(*ground, share, generator)
+        means, colors, sizes = _subsample(points[objects], colours[objects],
+                                          footprint[objects], budget - share, generator)
+        means, colors, sizes = (torch.cat([means, ground[0]]), torch.cat([colors, ground[1]]),
+                                torch.cat([sizes, ground[2]]))
+    else:
+        means, colors, sizes = _subsample(means, colors, sizes, budget, generator)
     return InitPoints(means, colors, sizes)
+
+
+def _subsample(means: Tensor, colors: Tensor, sizes: Tensor, count: int,
+               generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """At most `count` of the points, picked at random; sizes grow so coverage stays."""
+    if len(means) <= count:
+        return means, colors, sizes
+    pick = torch.randperm(len(means), generator=generator)[:count]
+    return means[pick], colors[pick], sizes[pick] * math.sqrt(len(means) / max(count, 1))
 
 
 def _sphere_init(distance: float, config: FitConfig, generator: torch.Generator,

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from backend import pipeline
+from backend.cameras import c2w_to_viewmat, intrinsics_to_K
+from backend.fit.environment import Environment
 from backend.gaussians import Gaussians
 from backend.recon.losses import ssim
 from backend.render import rasterize_gaussians
@@ -40,11 +42,17 @@ def to_tensor(frames: np.ndarray) -> torch.Tensor:  # [..., H, W, 3] uint8 -> [.
     return torch.from_numpy(np.ascontiguousarray(frames)).float().div(255).movedim(-1, -3)
 
 
-def render(g: Gaussians, c2w: np.ndarray, intr: np.ndarray, background: torch.Tensor
+def render(g: Gaussians, c2w: np.ndarray, intr: np.ndarray, background: Environment
            ) -> torch.Tensor:  # [C, 3, H, W]
+    """The Gaussians over the fit's environment (what rays that miss them see)."""
     with torch.no_grad():
-        out = rasterize_gaussians(g, c2w, intr, background=background)
-    return out.rgb.permute(0, 3, 1, 2).clamp(0, 1)
+        out = rasterize_gaussians(g, c2w, intr)
+        _C, H, W = out.rgb.shape[:3]
+        behind = background.image(c2w_to_viewmat(torch.as_tensor(c2w, dtype=torch.float32)),
+                                  intrinsics_to_K(torch.as_tensor(intr, dtype=torch.float32)),
+                                  W, H)
+        rgb = out.rgb + (1 - out.alpha) * behind
+    return rgb.permute(0, 3, 1, 2).clamp(0, 1)
 
 
 def nearest_views(rig_c2w: np.ndarray, c2w: np.ndarray) -> np.ndarray:
@@ -62,9 +70,9 @@ def score(rendered: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
 
 
 def fit_scene(scene: dict, preset: str, seconds: float, resolution: int, seed: int = 0
-              ) -> tuple[list[Gaussians], torch.Tensor, dict, float]:
+              ) -> tuple[list[Gaussians], Environment, dict, float]:
     """The reconstruct job's fit of a scene's rig frames: Gaussians per timestep in the
-    world, the background colour, the fit's summary and its time in seconds."""
+    world, the learned environment, the fit's summary and its time in seconds."""
     frames, c2w, intr = scene["frames"], scene["c2w"], scene["intrinsics"]
     V, T = frames.shape[:2]
     frame = pipeline.rig_frame(c2w)
@@ -74,7 +82,8 @@ def fit_scene(scene: dict, preset: str, seconds: float, resolution: int, seed: i
     seq, summary = pipeline.fit_cells([pipeline.FitCells(frames, np.ones((V, T), np.float32))],
                                       frame.to_normalised(c2w), intr, settings)
     seconds_taken = time.perf_counter() - started
-    background = torch.tensor(summary["background"], dtype=torch.float32)
+    background = (Environment.from_list(summary["environment"]) if summary["environment"]
+                  else Environment.constant(torch.tensor(summary["background"]), 0))
     return [frame.to_world(g) for g in seq], background, summary, seconds_taken
 
 
