@@ -193,7 +193,7 @@ def test_crop_keeps_cameras_consistent(object_samples):
 # Rigs
 
 
-@pytest.mark.parametrize("kind", ["orbit", "arc", "jitter", "animated"])
+@pytest.mark.parametrize("kind", ["orbit", "arc", "jitter", "animated", "rings"])
 def test_every_camera_looks_at_the_scene(kind):
     config = replace(TINY, num_views=5, num_steps=4)
     for seed in range(3):

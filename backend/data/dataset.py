@@ -108,7 +108,8 @@ class PoolConfig:
                              f"got {self.crop_min_scale}")
 
 
-_META_KEYS = ("kind", "rig_kind", "geometry_valid", "views_reversed", "index", "near_far")
+_META_KEYS = ("kind", "rig_kind", "geometry_valid", "views_reversed", "index", "near_far",
+              "family", "scene_info")
 
 
 def save_sample(sample: Sample, path: Path) -> None:

@@ -252,7 +252,7 @@ class FolderDataset(Dataset):
             c2w=torch.as_tensor(cams.c2w, dtype=torch.float32),
             intrinsics=torch.as_tensor(np.stack([intr for _, intr in views]),
                                        dtype=torch.float32),
-            kind="folder", index=index, near_far=cams.near_far)
+            kind="folder", index=index, near_far=cams.near_far, family="user")
 
 
 def write_scene_folder(sample: Sample, root: str | Path, video: bool = False,

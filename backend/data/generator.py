@@ -4,6 +4,11 @@ Each sample is deterministic in (config.seed, index). The mix follows the paper'
 dynamic scenes seen by a rig; static scenes (one timestep rendered and copied to all T);
 "2D-transformed" videos (one camera's video, the other views random homographies of it,
 flagged `geometry_valid=False`); and random view-order reversal.
+
+Two scene families (`DataConfig.scene_kind`): "dome" (objects inside a textured dome) and
+"open" (objects on a ground plane under a sky, with a light and shadows,
+`backend.data.open_scenes`); "mixed" draws the family per sample from its own random stream,
+so a mixed config's dome samples equal those of the same config with scene_kind "dome".
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from torch import Tensor
 from backend.cameras import c2w_to_viewmat, intrinsics_to_K
 from backend.data.augment import homography_views, reverse_views
 from backend.data.config import DataConfig
-from backend.data.rigs import sample_rig
+from backend.data.open_render import render_open_grid
+from backend.data.open_scenes import OpenScene, random_open_scene
+from backend.data.rigs import sample_open_rig, sample_rig
 from backend.data.sample import Sample
 from backend.data.scenes import Scene, random_scene
 from backend.gaussians import Gaussians
 from backend.render import TorchRasterizerConfig, rasterize_torch
 
 NEAR = 0.05
+FAMILY_STREAM = 1  # the random stream that draws a mixed config's family per sample
 # 8-pixel tiles suit these small images best: about 1.8x faster than 16 at 64x64 on the CPU.
 RASTER_CONFIG = TorchRasterizerConfig(tile_size=8)
 
@@ -42,9 +50,28 @@ def splat_spacings(config: DataConfig) -> tuple[float, float | None]:
     return object_spacing, backdrop_spacing if config.backdrop else None
 
 
-def far_plane(config: DataConfig) -> float:
-    """A far clipping distance beyond everything the rig can see."""
+def far_plane(config: DataConfig, family: str = "dome") -> float:
+    """A far clipping distance beyond everything the rig can see (for the open family, the
+    farthest ground: its half-size is at most 30 rig distances)."""
+    if family == "open":
+        return 60.0 * config.open_camera_distance[1]
     return 4.0 * (config.backdrop_radius + config.camera_distance[1])
+
+
+def scene_family(config: DataConfig, index: int) -> str:
+    """"dome" or "open" for sample `index` (drawn per sample when scene_kind is "mixed")."""
+    if config.scene_kind != "mixed":
+        return config.scene_kind
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, index, FAMILY_STREAM]))
+    return "open" if rng.uniform() < config.open_fraction else "dome"
+
+
+def open_scene_info(scene: OpenScene) -> dict:
+    """What an open sample's scene is, for tests and evaluation (JSON-ready)."""
+    return {"ground_height": scene.ground.height, "ground_half_size": scene.ground.half_size,
+            "light_kind": scene.light.kind, "light_direction": scene.light.direction.tolist(),
+            "sky_kind": scene.sky.kind, "scale": scene.scale,
+            "num_objects": len(scene.objects)}
 
 
 def make_scene(config: DataConfig, rng: np.random.Generator, motion_amplitude: float) -> Scene:
@@ -121,36 +148,62 @@ def _as_float32(array: np.ndarray) -> Tensor:
     return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
 
 
-def make_sample(config: DataConfig, index: int, kind: str | None = None) -> Sample:
+def make_sample(config: DataConfig, index: int, kind: str | None = None,
+                family: str | None = None) -> Sample:
     """Render sample `index`: deterministic in (config.seed, index).
 
-    `kind` ("dynamic", "static" or "homography") overrides the config's data mix.
+    `kind` ("dynamic", "static" or "homography") overrides the config's data mix, `family`
+    ("dome" or "open") the config's scene kind.
     """
     rng = sample_rng(config, index)
     drawn = choose_sample_kind(config, rng)
     kind = drawn if kind is None else kind
     if kind not in ("dynamic", "static", "homography"):
         raise ValueError(f"kind: expected 'dynamic', 'static' or 'homography', got {kind!r}")
+    family = scene_family(config, index) if family is None else family
+    if family not in ("dome", "open"):
+        raise ValueError(f"family: expected 'dome' or 'open', got {family!r}")
     amplitude = 0.0 if kind == "static" else config.motion_amplitude
-    scene = make_scene(config, rng, amplitude)
-    rig_kind, c2w, intr = sample_rig(config, rng)
-    if kind == "static":
-        c2w = np.repeat(c2w[:, :1], config.num_steps, axis=1)
-        intr = np.repeat(intr[:, :1], config.num_steps, axis=1)
+    scene_info = None
+    if family == "open":
+        rig_kind, c2w, intr = sample_open_rig(config, rng)
+        c2w, intr = _still_rig(c2w, intr, kind == "static")
+        num_objects = int(rng.integers(config.min_objects, config.max_objects + 1))
+        scene = random_open_scene(rng, c2w, intr, num_objects, amplitude)
+        scene_info = open_scene_info(scene)
+        far = far_plane(config, "open")
+
+        def render(c2w, intr, still=False):
+            return render_open_grid(scene, c2w, intr, NEAR, far, config.empty_alpha, still)
+    else:
+        scene = make_scene(config, rng, amplitude)
+        rig_kind, c2w, intr = sample_rig(config, rng)
+        c2w, intr = _still_rig(c2w, intr, kind == "static")
+        far = far_plane(config)
+
+        def render(c2w, intr, still=False):
+            return render_grid(scene, c2w, intr, config, still)
     if kind == "homography":
-        frames, depth, alpha, gaussians = render_grid(scene, c2w[:1], intr[:1], config)
+        frames, depth, alpha, gaussians = render(c2w[:1], intr[:1])
         stacked = torch.cat([frames[0], depth[0], alpha[0]], dim=1)  # [T, 5, H, W]
         warped, _ = homography_views(stacked, config.num_views, rng, config.homography_strength)
         frames, depth, alpha = (x.contiguous() for x in warped.split([3, 1, 1], dim=2))
         c2w = np.repeat(c2w[:1], config.num_views, axis=0)
         intr = np.repeat(intr[:1], config.num_views, axis=0)
     else:
-        frames, depth, alpha, gaussians = render_grid(scene, c2w, intr, config,
-                                                      still=kind == "static")
+        frames, depth, alpha, gaussians = render(c2w, intr, still=kind == "static")
     sample = Sample(frames=frames, c2w=_as_float32(c2w), intrinsics=_as_float32(intr),
                     depth=depth, alpha=alpha, gaussians=gaussians, kind=kind,
                     rig_kind=rig_kind, geometry_valid=kind != "homography", index=index,
-                    near_far=(NEAR, far_plane(config)))
+                    near_far=(NEAR, far), family=family, scene_info=scene_info)
     if rng.uniform() < config.reverse_views_probability:
         sample = reverse_views(sample)
     return sample
+
+
+def _still_rig(c2w: np.ndarray, intr: np.ndarray, still: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The rig with every timestep's cameras those of timestep 0 when `still`."""
+    if not still:
+        return c2w, intr
+    num_steps = c2w.shape[1]
+    return np.repeat(c2w[:, :1], num_steps, axis=1), np.repeat(intr[:, :1], num_steps, axis=1)

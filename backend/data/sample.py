@@ -11,6 +11,7 @@ from torch import Tensor
 from backend.gaussians import Gaussians
 
 SAMPLE_KINDS = ("dynamic", "static", "homography", "folder")
+SCENE_FAMILIES = ("dome", "open", "user")
 
 
 @dataclass
@@ -19,10 +20,12 @@ class Sample:
 
     `depth` is z-depth along each camera's optical axis (the renderer's expected depth
     divided by alpha); it is 0 where nothing was hit (alpha below the generator's
-    `empty_alpha`). With a backdrop, every pixel hits something. `depth` and `alpha` are None
-    for user data that has none. When `geometry_valid` is False (2D-transformed samples) the
-    depth, cameras and Gaussians do not describe the frames: reconstruction training skips
-    such samples.
+    `empty_alpha`). With a backdrop, every pixel hits something; in open scenes (`family`
+    "open") the sky is hit by nothing, and `gaussians` hold the objects only (the ground
+    plane and sky are drawn per pixel; `scene_info` says where the ground is). `depth` and
+    `alpha` are None for user data that has none. When `geometry_valid` is False
+    (2D-transformed samples) the depth, cameras and Gaussians do not describe the frames:
+    reconstruction training skips such samples.
     """
 
     frames: Tensor  # [V, T, 3, H, W] float32 RGB in [0, 1]
@@ -37,6 +40,8 @@ class Sample:
     views_reversed: bool = False
     index: int = -1
     near_far: tuple[float, float] | None = None
+    family: str = "dome"  # one of SCENE_FAMILIES: procedural dome, procedural open, user data
+    scene_info: dict | None = None  # open scenes: ground height and extent, light, scale
 
     def __post_init__(self) -> None:
         if self.frames.ndim != 5 or self.frames.shape[2] != 3:
@@ -53,6 +58,9 @@ class Sample:
         if self.gaussians is not None and len(self.gaussians) != t:
             raise ValueError(f"Sample.gaussians: expected {t} timesteps, "
                              f"got {len(self.gaussians)}")
+        if self.family not in SCENE_FAMILIES:
+            raise ValueError(f"Sample.family: expected one of {SCENE_FAMILIES}, "
+                             f"got {self.family!r}")
         if self.kind not in SAMPLE_KINDS:
             raise ValueError(f"Sample.kind: expected one of {SAMPLE_KINDS}, got {self.kind!r}")
 
