@@ -8,9 +8,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from test_data import pooled_reprojection
 
 from backend.cameras import project_points, unproject_depth
 from backend.data import DataConfig, make_sample
+from backend.data.augment import flip_horizontal
 from backend.data.dataset import load_sample, save_sample
 from backend.data.generator import NEAR, far_plane, scene_family
 from backend.data.open_render import render_open_views
@@ -54,6 +56,19 @@ def test_sky_pixels_look_up_and_ground_pixels_lie_on_the_ground():
         eye_z = sample.c2w[:, 0, 2, 3]  # rays from the camera to ground points go down
         assert (points[..., 2][covered][on_ground] < eye_z.max()).all()
     assert min(ground_share) > 0.2, "the ground should fill much of every view"
+
+
+def test_ground_and_object_pixels_reproject_across_views():
+    config = replace(OPEN, num_views=3, height=40, width=40, arc_deg=(30.0, 40.0),
+                     open_rig_weights={"arc": 1.0}, open_camera_distance=(3.0, 6.0))
+    samples = [make_sample(config, i, kind="static") for i in range(2)]
+    matched, colour_errors = pooled_reprojection(samples)
+    assert matched > 0.7
+    assert colour_errors.median() < 0.02 and colour_errors.quantile(0.9) < 0.08
+    flipped = [flip_horizontal(sample) for sample in samples]
+    assert pooled_reprojection(flipped)[0] > 0.7
+    x, y, z = samples[0].scene_info["light_direction"]
+    assert flipped[0].scene_info["light_direction"] == [-x, y, z]
 
 
 def _lit_scene(seed: int = 0):

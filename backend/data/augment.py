@@ -64,9 +64,13 @@ def flip_horizontal(sample: Sample) -> Sample:
     intr[..., 2] = intr[..., 4] - intr[..., 2]
     gaussians = None if sample.gaussians is None else [mirror_gaussians(g)
                                                        for g in sample.gaussians]
+    info = sample.scene_info
+    if info is not None and "light_direction" in info:
+        x, y, z = info["light_direction"]
+        info = {**info, "light_direction": [-x, y, z]}
     return replace(sample, frames=flip(sample.frames), depth=flip(sample.depth),
                    alpha=flip(sample.alpha), c2w=c2w.to(sample.c2w.dtype), intrinsics=intr,
-                   gaussians=gaussians)
+                   gaussians=gaussians, scene_info=info)
 
 
 def _resize(

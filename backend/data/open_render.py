@@ -9,6 +9,8 @@ plane's exact z-depth; object pixels the rasterizer's expected depth.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -46,16 +48,29 @@ def _pool(values: np.ndarray, weights: np.ndarray, s: int, height: int, width: i
     return total / np.maximum(count, 1e-12)[..., None], count / (s * s)
 
 
-def ground_and_sky(scene: OpenScene, state: LitState, c2w: np.ndarray, intr: np.ndarray,
-                   near: float, far: float) -> tuple[np.ndarray, ...]:
-    """For one camera: ground colour [H, W, 3] (sRGB, mean over the rays that hit it), its
-    coverage [H, W], its z-depth [H, W] (exact at the centres of fully covered pixels) and
-    the sky colour [H, W, 3] at the pixel centres."""
+@dataclass
+class GroundRays:
+    """What one camera's sub-pixel rays see of the ground and sky, before lighting (the same
+    at every timestep the camera holds still)."""
+
+    hit: np.ndarray  # [M] bool, rays that hit the ground
+    points: np.ndarray  # [K, 3] world points hit
+    albedo: np.ndarray  # [K, 3] linear albedo there
+    inverse_depth: np.ndarray  # [M, 1] 1 / z-depth where hit, else 0
+    sky: np.ndarray  # [H, W, 3] sRGB sky at the pixel centres
+    s: int
+    height: int
+    width: int
+
+
+def ground_rays(scene: OpenScene, c2w: np.ndarray, intr: np.ndarray, near: float, far: float
+                ) -> GroundRays:
+    """Intersect one camera's S x S sub-pixel rays with the ground and look up its texture,
+    fading detail finer than a ray's footprint."""
     height, width = round(float(intr[5])), round(float(intr[4]))
     s = supersampling(height, width)
     dirs = _ray_directions(c2w, intr, s).reshape(-1, 3)  # [M, 3]
-    origin = c2w[:3, 3]
-    ground, light = scene.ground, scene.light
+    origin, ground = c2w[:3, 3], scene.ground
     down = dirs[:, 2] < -1e-9
     t = np.where(down, (ground.height - origin[2]) / np.where(down, dirs[:, 2], -1.0), -1.0)
     hit = down & (t > near) & (t < far)
@@ -67,23 +82,33 @@ def ground_and_sky(scene: OpenScene, state: LitState, c2w: np.ndarray, intr: np.
     length = np.linalg.norm(dirs[hit], axis=-1)
     grazing = np.maximum(-dirs[hit, 2] / length, 0.02)
     footprint = t_hit * length / (float(intr[0]) * s) / np.sqrt(grazing)
-    albedo = ground.texture.albedo(uv, footprint)
-    direct = (light.directions[:, 2:3] * visibility(state.shadow_maps, points)).mean(0)
-    irradiance = light.ambient + light.sun * direct[:, None]
-    colour = np.zeros((len(dirs), 3))
-    colour[hit] = to_srgb(to_linear(albedo) * irradiance)
     inverse = np.zeros((len(dirs), 1))
     inverse[hit, 0] = 1.0 / t_hit
-    weights = hit.astype(np.float64)
-    ground_colour, coverage = _pool(colour, weights, s, height, width)
-    # inverse depth on a plane is affine in the pixel coordinates: its mean over a fully
-    # covered pixel's sub-pixel grid is its value at the pixel centre
-    ground_inverse, _ = _pool(inverse, weights, s, height, width)
-    ground_depth = np.where(coverage > 0, 1.0 / np.maximum(ground_inverse[..., 0], 1e-12), 0.0)
     centres = _ray_directions(c2w, intr, 1).reshape(-1, 3)  # the sky is smooth: one ray
     sky = to_srgb(scene.sky.radiance(centres / np.linalg.norm(centres, axis=-1, keepdims=True),
-                                     light.direction))
-    return ground_colour, coverage, ground_depth, sky.reshape(height, width, 3)
+                                     scene.light.direction))
+    return GroundRays(hit, points, to_linear(ground.texture.albedo(uv, footprint)), inverse,
+                      sky.reshape(height, width, 3), s, height, width)
+
+
+def ground_and_sky(scene: OpenScene, state: LitState, rays: GroundRays
+                   ) -> tuple[np.ndarray, ...]:
+    """For one camera: ground colour [H, W, 3] (sRGB, mean over the rays that hit it), its
+    coverage [H, W], its z-depth [H, W] (exact at the centres of fully covered pixels) and
+    the sky colour [H, W, 3] at the pixel centres."""
+    light = scene.light
+    direct = (light.directions[:, 2:3] * visibility(state.shadow_maps, rays.points)).mean(0)
+    irradiance = light.ambient + light.sun * direct[:, None]
+    colour = np.zeros((len(rays.hit), 3))
+    colour[rays.hit] = to_srgb(rays.albedo * irradiance)
+    weights = rays.hit.astype(np.float64)
+    size = (rays.s, rays.height, rays.width)
+    ground_colour, coverage = _pool(colour, weights, *size)
+    # inverse depth on a plane is affine in the pixel coordinates: its mean over a fully
+    # covered pixel's sub-pixel grid is its value at the pixel centre
+    ground_inverse, _ = _pool(rays.inverse_depth, weights, *size)
+    ground_depth = np.where(coverage > 0, 1.0 / np.maximum(ground_inverse[..., 0], 1e-12), 0.0)
+    return ground_colour, coverage, ground_depth, rays.sky
 
 
 def _rasterize_objects(gaussians: Gaussians, c2w: np.ndarray, intr: np.ndarray, near: float,
@@ -108,11 +133,18 @@ def render_open_views(
     near: float,
     far: float,
     empty_alpha: float,
+    cache: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # rgb [C, 3, H, W], depth [C, 1, H, W], alpha [C, 1, H, W]
-    """Render one timestep into C cameras; depth is 0 where alpha < empty_alpha."""
+    """Render one timestep into C cameras; depth is 0 where alpha < empty_alpha. `cache`
+    keeps each camera's ground rays between the timesteps of one scene."""
     rgb_o, alpha_o, depth_o = _rasterize_objects(state.gaussians, c2w, intrinsics, near, far)
-    layers = [ground_and_sky(scene, state, c2w[c], intrinsics[c], near, far)
-              for c in range(len(c2w))]
+    cache = {} if cache is None else cache
+    layers = []
+    for c in range(len(c2w)):
+        key = (c2w[c].tobytes(), np.asarray(intrinsics[c]).tobytes())
+        if key not in cache:
+            cache[key] = ground_rays(scene, c2w[c], intrinsics[c], near, far)
+        layers.append(ground_and_sky(scene, state, cache[key]))
     ground, cover, depth_g, sky = (np.stack(parts) for parts in zip(*layers, strict=True))
     # objects in front of the ground, or the ground in front of what lies below or beyond it
     front = (depth_o <= depth_g) | (cover <= 0.0) | (alpha_o <= 0.0)
@@ -146,12 +178,12 @@ def render_open_grid(
     copied to every T."""
     num_steps = c2w.shape[1]
     taus = np.linspace(0.0, 1.0, num_steps) if num_steps > 1 else np.zeros(1)
-    rendered, gaussians = [], []
+    rendered, gaussians, cache = [], [], {}
     for t in range(1 if still else num_steps):
         state = scene.state_at(float(taus[t]))
         gaussians.append(state.gaussians)
         rendered.append(render_open_views(scene, state, c2w[:, t], intrinsics[:, t], near, far,
-                                          empty_alpha))
+                                          empty_alpha, cache))
     frames, depth, alpha = (torch.stack(parts, dim=1) for parts in zip(*rendered, strict=True))
     if still:
         frames, depth, alpha = (x.expand(-1, num_steps, -1, -1, -1).contiguous()

@@ -146,33 +146,37 @@ class Ground:
 
 @dataclass
 class ShadowMap:
-    """Coverage and depth of one group of objects seen from one light direction."""
+    """Coverage and depth of one group of objects seen from one light direction, with a
+    one-texel empty border (nothing blocks the light outside the map)."""
 
     c2w: np.ndarray  # [4, 4]
     intrinsics: np.ndarray  # [6]
-    alpha: np.ndarray  # [R, R]
-    depth: np.ndarray  # [R, R]
+    alpha: np.ndarray  # [R + 2, R + 2]
+    depth: np.ndarray  # [R + 2, R + 2]
     bias: float
 
+    @classmethod
+    def bordered(cls, c2w: np.ndarray, intrinsics: np.ndarray, alpha: np.ndarray,
+                 depth: np.ndarray, bias: float) -> ShadowMap:
+        return cls(c2w, intrinsics, np.pad(alpha, 1), np.pad(depth, 1), bias)
+
     def occlusion(self, points: np.ndarray) -> np.ndarray:  # [N, 3] -> [N] in [0, 1]
-        """How much of the light the group blocks on its way to each point."""
+        """How much of the light the group blocks on its way to each point (bilinear)."""
         view = c2w_to_viewmat(self.c2w)
         cam = points @ view[:3, :3].T + view[:3, 3]
-        fx, _, cx, cy = self.intrinsics[:4]
-        u = fx * cam[:, 0] / cam[:, 2] + cx - 0.5
-        v = fx * cam[:, 1] / cam[:, 2] + cy - 0.5
-        res = self.alpha.shape[0]
-        blocked = self.alpha * 1.0
-        x0, y0 = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
-        fx_, fy_ = u - x0, v - y0
+        focal, centre = self.intrinsics[0], self.intrinsics[2]
+        side = self.alpha.shape[0]
+        u = np.clip(focal * cam[:, 0] / cam[:, 2] + centre + 0.5, 0.0, side - 1.001)
+        v = np.clip(focal * cam[:, 1] / cam[:, 2] + centre + 0.5, 0.0, side - 1.001)
+        x0, y0 = u.astype(np.int64), v.astype(np.int64)
+        wx, wy = u - x0, v - y0
+        limit = cam[:, 2] - self.bias
+        alpha, depth = self.alpha.ravel(), self.depth.ravel()
         out = np.zeros(len(points))
-        for dx, dy, weight in ((0, 0, (1 - fx_) * (1 - fy_)), (1, 0, fx_ * (1 - fy_)),
-                               (0, 1, (1 - fx_) * fy_), (1, 1, fx_ * fy_)):
-            x, y = x0 + dx, y0 + dy
-            inside = (x >= 0) & (x < res) & (y >= 0) & (y < res)
-            xi, yi = np.clip(x, 0, res - 1), np.clip(y, 0, res - 1)
-            nearer = self.depth[yi, xi] < cam[:, 2] - self.bias
-            out += np.where(inside & nearer, weight * blocked[yi, xi], 0.0)
+        for offset, weight in ((0, (1 - wx) * (1 - wy)), (1, wx * (1 - wy)),
+                               (side, (1 - wx) * wy), (side + 1, wx * wy)):
+            index = y0 * side + x0 + offset
+            out += weight * alpha[index] * (depth[index] < limit)
         return np.clip(out, 0.0, 1.0)
 
 
@@ -258,7 +262,8 @@ def shadow_maps(surfaces: list[tuple[np.ndarray, np.ndarray, float]],
     alpha = out.alpha[..., 0].double().numpy()
     depth = out.depth[..., 0].double().numpy()
     bias = 4 * radius / SHADOW_RES + 2 * max(obj.spacing for obj in objects)
-    return [ShadowMap(c2w[k], intr, alpha[k], depth[k], bias) for k in range(len(directions))]
+    return [ShadowMap.bordered(c2w[k], intr, alpha[k], depth[k], bias)
+            for k in range(len(directions))]
 
 
 # ---------------------------------------------------------------------------------------------

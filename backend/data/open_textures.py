@@ -54,11 +54,13 @@ class NoiseTable:
         frac = points - base
         smooth = frac * frac * (3.0 - 2.0 * frac)
         base = base.astype(np.int64)
+        sides = (1.0 - smooth, smooth)  # weights of the lower and upper corner per axis
         out = np.zeros(len(points))
         for corner in itertools.product((0, 1), repeat=points.shape[-1]):
-            offset = np.array(corner)
-            weight = np.prod(np.where(offset == 1, smooth, 1.0 - smooth), axis=-1)
-            out += weight * self.cell_values(base + offset)
+            weight = sides[corner[0]][:, 0].copy()
+            for d in range(1, len(corner)):
+                weight *= sides[corner[d]][:, d]
+            out += weight * self.cell_values(base + np.array(corner))
         return out
 
     def fbm(self, points: np.ndarray, frequency: float, octaves: int,
