@@ -174,46 +174,37 @@ def consistent(depth: Tensor, c2w: Tensor, intr: Tensor, sources: Tensor) -> Ten
     return agree
 
 
-def fit_ground_plane(points: Tensor, c2w: Tensor, generator: torch.Generator,
-                     iterations: int = 256) -> tuple[Tensor, Tensor] | None:
-    """The dominant plane under the rig (RANSAC, then least squares on its inliers): unit
-    normal [3] pointing to the cameras and offset [] with n.x + d = 0, or None when no plane
-    holds GROUND_SUPPORT of the points with every camera on the same side, above it."""
+def rig_up(c2w: Tensor) -> Tensor:
+    """The world's up as the cameras see it: the direction most perpendicular to every
+    camera's right axis (cameras are seldom rolled), signed like their up axes. [3]"""
+    right = c2w[:, :3, 0]
+    up = torch.linalg.eigh(right.T @ right).eigenvectors[:, 0]
+    return up if float(up @ -c2w[:, :3, 1].sum(dim=0)) >= 0 else -up
+
+
+def fit_ground_plane(points: Tensor, c2w: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The ground under the rig: the plane perpendicular to the rig's up (`rig_up`) at the
+    height band holding most of the points, below every camera. Returns (unit normal [3]
+    pointing to the cameras, offset []) with n.x + d = 0, or None when no band holds
+    GROUND_SUPPORT of the points. (Stereo points are too noisy to tilt a plane by; ground
+    planes in scenes stand perpendicular to the cameras' up.)"""
     if len(points) < 50:
         return None
-    scale = c2w[:, :3, 3].norm(dim=-1).mean()
-    tolerance = GROUND_TOLERANCE * scale
-    picks = torch.randint(len(points), (iterations, 3), generator=generator)
-    a, b, c = points[picks[:, 0]], points[picks[:, 1]], points[picks[:, 2]]
-    normals = torch.linalg.cross(b - a, c - a)
-    length = normals.norm(dim=-1, keepdim=True)
-    ok = length[:, 0] > 1e-9
-    normals = normals / length.clamp(min=1e-12)
-    offsets = -(normals * a).sum(dim=-1)
-    side = c2w[:, :3, 3] @ normals.T + offsets  # [V, iterations]
-    flip = side.mean(dim=0) < 0
-    normals, offsets, side = (torch.where(flip[:, None], -normals, normals),
-                              torch.where(flip, -offsets, offsets),
-                              torch.where(flip[None], -side, side))
-    ok &= (side > 0.1 * scale).all(dim=0)  # every camera clearly above it
-    inliers = ((points @ normals.T + offsets).abs() < tolerance) & ok[None]
-    counts = inliers.sum(dim=0)
+    scale = float(c2w[:, :3, 3].norm(dim=-1).mean())
+    up = rig_up(c2w)
+    heights = points @ up
+    lowest_camera = float((c2w[:, :3, 3] @ up).min())
+    below = heights[heights < lowest_camera - 0.1 * scale].sort().values
+    if len(below) == 0:
+        return None
+    window = 2 * GROUND_TOLERANCE * scale
+    ends = torch.searchsorted(below, below + window)
+    counts = ends - torch.arange(len(below))
     best = int(counts.argmax())
     if counts[best] < GROUND_SUPPORT * len(points):
         return None
-    chosen = points[inliers[:, best]]
-    for shrink in (1.0, 0.5, 0.25):  # least squares on the inliers, tightening
-        centre = chosen.median(dim=0).values
-        normal = torch.linalg.svd(chosen - chosen.mean(dim=0), full_matrices=False).Vh[-1]
-        if ((c2w[:, :3, 3] - centre) @ normal).mean() < 0:
-            normal = -normal
-        distance = (points - centre) @ normal
-        near = distance.abs() < tolerance * shrink
-        if near.sum() < 3:
-            break
-        chosen = points[near]
-    centre = chosen.median(dim=0).values
-    return normal, -(normal * centre).sum()
+    level = below[best:int(ends[best])].median()
+    return up, -level
 
 
 def refine_plane_offset(images: Tensor, c2w: Tensor, intr: Tensor,
@@ -316,7 +307,7 @@ def plane_sweep_init(images: Tensor, c2w: Tensor, intr: Tensor, config: FitConfi
     if len(means) == 0:
         return _sphere_init(distance.mean().item(), config, generator, small)
     budget = config.init_max_points
-    plane = fit_ground_plane(means, c2w, generator) if config.init_ground else None
+    plane = fit_ground_plane(means, c2w) if config.init_ground else None
     if plane is not None:
         # The ground first, as far as it is seen and matches. With every ring camera at one
         # height, anything at eye level projects onto every view's horizon, so stereo alone
