@@ -29,7 +29,8 @@ WINDOW = 5  # matching window (pixels at the sweep resolution)
 GROUND_SUPPORT = 0.15  # share of the matched points a ground plane must hold
 GROUND_TOLERANCE = 0.03  # inlier distance to the plane (x the mean camera distance)
 SKY_COLOUR = 0.1  # mean absolute difference from the sky's colour that still counts as sky
-GROUND_FAR = 50.0  # ground points up to this many mean camera distances away
+GROUND_FAR = 20.0  # ground points up to this many mean camera distances away
+INIT_MAX_SIZE = 0.05  # largest initial splat (x the mean camera distance)
 RING_HEIGHT_SPREAD = 0.05  # cameras within this x distance of one height form a flat ring
 HORIZON_BAND = 3.0  # pixels (at the sweep resolution) either side of the horizon left out
 GROUND_COST_SLACK = 2.0  # ground pixels may match this x worse than the kept stereo points
@@ -350,7 +351,9 @@ def plane_sweep_init(images: Tensor, c2w: Tensor, intr: Tensor, config: FitConfi
                                 torch.cat([sizes, ground[2]]))
     else:
         means, colors, sizes = _subsample(means, colors, sizes, budget, generator)
-    return InitPoints(means, colors, sizes)
+    # Far ground points have footprints of whole units: a splat that covers every pixel of
+    # every view makes each rasterizer step cost (Gaussians x pixels).
+    return InitPoints(means, colors, sizes.clamp(max=INIT_MAX_SIZE * distance.mean()))
 
 
 def _subsample(means: Tensor, colors: Tensor, sizes: Tensor, count: int,
