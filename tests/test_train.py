@@ -10,7 +10,7 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -428,6 +428,26 @@ def test_eval_writes_report_with_every_key_and_image_grids(tmp_path):
     ceiling = on_disk["psnr_recon_visibility_ceiling"]
     assert math.isfinite(ceiling) and ceiling > on_disk["psnr_recon"]
     assert 0.0 <= on_disk["recon"]["recon_held_out_unseen_fraction"] < 1.0
+    # both scene families, scored the same way; the top level is the dome family's
+    assert list(on_disk["families"]) == ["dome", "open"]
+    assert {k: on_disk[k] for k in on_disk["families"]["dome"]} == on_disk["families"]["dome"]
+    for family, figures in on_disk["families"].items():
+        assert len(figures) == 11 and all(math.isfinite(v) for v in figures.values()), family
+        assert figures["psnr_copy_baseline"] >= 119.9, family  # still scenes in both
+        assert figures["psnr_copy_baseline_row_only"] < 60, family
+    assert on_disk["families"]["open"] != on_disk["families"]["dome"]
+    for kind in ("diffusion", "recon"):
+        for family in ("dome", "open"):
+            held_out = on_disk[kind]["families"][family]["held_out"]
+            assert held_out["data"]["scene_kind"] == family
+    for name in ("row_and_column", "row_only", "recon"):
+        assert (tmp_path / "eval" / f"grid_open_{name}.png").is_file()
+    rc = main(["eval", "diffusion", "--weights", str(tmp_path / "diffusion"), "--config",
+               json.dumps({**asdict(config), "families": ["open"],
+                           "output_dir": str(tmp_path / "open")})])
+    only_open = json.loads((tmp_path / "open" / "eval_diffusion.json").read_text())
+    assert rc == 0 and list(only_open["families"]) == ["open"]
+    assert only_open["psnr_generated"] == on_disk["families"]["open"]["psnr_generated"]
 
 
 def test_visibility_ceiling_counts_what_the_input_views_saw():

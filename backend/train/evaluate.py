@@ -37,6 +37,7 @@ from backend.train.diffusion import grid_rays
 HELD_OUT_START = 1_000_000_000
 SETTINGS = ("row_and_column", "row_only")
 PSNR_CAP_MSE = 1e-12  # mean squared error floor: 120 dB
+FAMILIES = ("dome", "open")
 METRIC_KEYS = ("psnr_generated", "psnr_copy_baseline", "ssim_generated", "ssim_copy_baseline")
 
 
@@ -45,7 +46,8 @@ class EvalConfig:
     """The held-out set, the sampler and where the report goes.
 
     Frame size comes from the model's `image_size`; `data_overrides` sets any other
-    `DataConfig` field of the held-out generator (its seed, rigs, ...). `attention_impl`
+    `DataConfig` field of the held-out generator (its seed, rigs, ...); `families` lists the
+    scene families scored, each setting `scene_kind` over `data_overrides`. `attention_impl`
     None keeps the model's own (normally "auto": the merged kernel on the CPU, compiled
     FlexAttention on CUDA).
     """
@@ -57,6 +59,7 @@ class EvalConfig:
     num_steps: int = 8
     recon_held_out_views: int = 2
     data_overrides: dict[str, Any] = field(default_factory=dict)
+    families: tuple[str, ...] = FAMILIES
     sampler_steps: int = 16
     guidance: float = 1.0
     shift: float = 1.0
@@ -79,11 +82,20 @@ class EvalConfig:
                              f"homography, got {self.held_out_kind!r}")
         if self.held_out_start < 0 or self.grid_samples < 1:
             raise ValueError("EvalConfig: held_out_start must be >= 0 and grid_samples >= 1")
+        self.families = tuple(self.families)
+        if not self.families or len(set(self.families)) != len(self.families) \
+                or not set(self.families) <= set(FAMILIES):
+            raise ValueError(f"EvalConfig.families: distinct names out of {FAMILIES}, "
+                             f"got {self.families!r}")
 
-    def data_config(self, image_size: tuple[int, int], num_views: int) -> DataConfig:
+    def data_config(self, image_size: tuple[int, int], num_views: int,
+                    family: str | None = None) -> DataConfig:
+        """The held-out generator's config; `family` sets its `scene_kind`."""
         height, width = image_size
+        family_kind = {} if family is None else {"scene_kind": family}
         return DataConfig(**{"num_views": num_views, "num_steps": self.num_steps,
-                             "height": height, "width": width, **self.data_overrides})
+                             "height": height, "width": width, **self.data_overrides,
+                             **family_kind})
 
 
 def held_out_samples(data: DataConfig, config: EvalConfig) -> list[Sample]:
@@ -351,42 +363,62 @@ def image_grid(
     return np.concatenate(parts, axis=0)
 
 
+def grid_name(family: str, name: str) -> str:
+    """File stem of an image grid: the dome family keeps the earlier names."""
+    return f"grid_{name}" if family == "dome" else f"grid_{family}_{name}"
+
+
 def run_evaluation(kind: str, weights: str | Path, config: EvalConfig) -> dict[str, Any]:
-    """Evaluate one trained model; write `eval_<kind>.json` and `grid_<name>.png` files."""
+    """Evaluate one trained model on every family; write `eval_<kind>.json` and
+    `grid_*.png` files. The first family's figures stay at the top level."""
     import imageio.v3 as iio
 
     device = resolve_device(config.device)
     impl = config.attention_impl
     model, model_config = load_model(kind, weights, device, impl)
     extra_views = config.recon_held_out_views if kind == "recon" else 0
-    data = config.data_config(model_config.image_size, config.num_views + extra_views)
-    samples = held_out_samples(data, config)
     evaluate = evaluate_diffusion if kind == "diffusion" else evaluate_recon
-    report, images = evaluate(model, samples, config, device)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report.update(weights=str(weights), num_samples=len(samples),
-                  held_out={"start": config.held_out_start, "kind": config.held_out_kind,
-                            "data": data.to_dict()},
-                  eval_config=asdict(config), images={})
-    for name, image in images.items():
-        path = out / f"grid_{name}.png"
-        iio.imwrite(path, image)
-        report["images"][name] = str(path)
+    families: dict[str, dict[str, Any]] = {}
+    for family in config.families:
+        data = config.data_config(model_config.image_size, config.num_views + extra_views,
+                                  family)
+        samples = held_out_samples(data, config)
+        report, images = evaluate(model, samples, config, device)
+        report.update(family=family, num_samples=len(samples),
+                      held_out={"start": config.held_out_start, "kind": config.held_out_kind,
+                                "data": data.to_dict()}, images={})
+        for name, image in images.items():
+            path = out / f"{grid_name(family, name)}.png"
+            iio.imwrite(path, image)
+            report["images"][name] = str(path)
+        families[family] = report
+    report = {**families[config.families[0]], "weights": str(weights),
+              "eval_config": asdict(config), "families": families}
     (out / f"eval_{kind}.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
+def headline(diffusion: dict[str, Any], recon: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of one family's diffusion and recon reports."""
+    figures = {key: diffusion[key] for key in METRIC_KEYS}
+    figures.update({f"{key}_row_only": diffusion[f"{key}_row_only"] for key in METRIC_KEYS})
+    figures.update(psnr_recon=recon["psnr_recon"], ssim_recon=recon["ssim_recon"],
+                   psnr_recon_visibility_ceiling=recon["psnr_recon_visibility_ceiling"])
+    return figures
+
+
 def evaluate_all(diffusion_weights: str | Path, recon_weights: str | Path,
                  config: EvalConfig) -> dict[str, Any]:
-    """Both evaluations and one `report.json` holding every headline figure."""
+    """Both evaluations and one `report.json`: the first family's headline figures at the
+    top level, every family's under `families`."""
     diffusion = run_evaluation("diffusion", diffusion_weights, config)
     recon = run_evaluation("recon", recon_weights, config)
-    headline = {key: diffusion[key] for key in METRIC_KEYS}
-    headline.update({f"{key}_row_only": diffusion[f"{key}_row_only"] for key in METRIC_KEYS})
-    headline.update(psnr_recon=recon["psnr_recon"], ssim_recon=recon["ssim_recon"],
-                    psnr_recon_visibility_ceiling=recon["psnr_recon_visibility_ceiling"])
-    report = {**headline, "diffusion": diffusion, "recon": recon}
+    families = {family: headline(diffusion["families"][family], recon["families"][family])
+                for family in config.families}
+    report = {**families[config.families[0]], "families": families,
+              "diffusion": diffusion, "recon": recon}
     path = Path(config.output_dir) / "report.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     return report
