@@ -25,7 +25,7 @@ from torch import Tensor
 from backend.fit.config import FitConfig
 from backend.fit.density import GradientStats, densify_and_prune, reset_opacity
 from backend.fit.environment import Environment
-from backend.fit.init import plane_sweep_init
+from backend.fit.init import plane_sweep_init, top_rows
 from backend.fit.losses import (
     nearest_neighbours,
     neighbour_weights,
@@ -78,8 +78,7 @@ class _Fitter:
     # ---------------------------------------------------------------------- helpers
     def _border_colour(self) -> Tensor:
         """The median colour of the frames' top rows: the sky or backdrop, usually."""
-        rows = [t.images[..., : max(1, t.size[0] // 16), :][t.weights > 0] for t in self.targets]
-        pixels = torch.cat([r.permute(0, 2, 3, 1).reshape(-1, 3) for r in rows])
+        pixels = torch.cat([top_rows(t.images[t.weights > 0]) for t in self.targets])
         return pixels.median(dim=0).values
 
     def _check(self) -> None:

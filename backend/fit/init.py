@@ -37,7 +37,6 @@ GROUND_COST_SLACK = 2.0  # ground pixels may match this x worse than the kept st
 PLANE_SEARCH = 0.06  # the plane's offset is searched this far either way (x distance)
 GROUND_NEAR = 2.0  # ... matching the ground within this x the mean camera distance
 GROUND_TRUSTED_BEYOND = 1.5  # x each camera's distance to the rig centre (z-depth)
-GROUND_IN_FRONT = 0.9  # a matched point this much nearer than the ground hides it
 GROUND_PREFERENCE = 1.5  # the ground takes a pixel it matches within this x its best cost
 
 
@@ -93,6 +92,32 @@ def neighbour_views(c2w: Tensor, count: int) -> Tensor:  # [V, 4, 4] -> [V, coun
     return dist.topk(min(count, len(c2w) - 1), largest=False).indices
 
 
+def top_rows(images: Tensor) -> Tensor:  # [N, 3, H, W] -> [P, 3]
+    """The pixels of the images' top sixteenth: sky or backdrop, usually."""
+    return images[..., : max(1, images.shape[-2] // 16), :].permute(0, 2, 3, 1).reshape(-1, 3)
+
+
+def match_cost(images: Tensor, viewmats: Tensor, intr: Tensor, sources: Tensor, r: int,
+               points: Tensor) -> Tensor:
+    """How badly view r's pixels match its source views if they lie at `points` [h, w, 3]:
+    absolute colour difference averaged over a WINDOW, then over the better half of the
+    sources (occlusions); inf where too few sources see the point. -> [h, w]"""
+    h, w = images.shape[-2:]
+    per_source = []
+    for s in sources[r].tolist():
+        uv, zs = _project(points, viewmats[s], intr[s])
+        colour = _sample(images[s], uv, h, w)  # [h, w, 3]
+        diff = (colour - images[r].permute(1, 2, 0)).abs().mean(dim=-1)
+        per_source.append(diff.masked_fill(zs <= 0, float("nan")))
+    stack = torch.stack(per_source)  # [S, h, w]
+    valid = ~stack.isnan()
+    window = F.avg_pool2d(stack.nan_to_num(1.0)[:, None], WINDOW, 1, WINDOW // 2,
+                          count_include_pad=False)[:, 0]
+    window = window.masked_fill(~valid, float("inf"))
+    keep = max(1, math.ceil(stack.shape[0] / 2))
+    return window.topk(keep, dim=0, largest=False).values.mean(dim=0)
+
+
 def sweep_depths(images: Tensor, c2w: Tensor, intr: Tensor, depths: Tensor,
                  sources: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Plane sweep of every view against its source views.
@@ -112,22 +137,8 @@ def sweep_depths(images: Tensor, c2w: Tensor, intr: Tensor, depths: Tensor,
         rays = dirs[r] @ c2w[r, :3, :3].T  # [h, w, 3] world directions (z-depth 1)
         costs = []
         for z in depths[r]:
-            points = c2w[r, :3, 3] + rays * z
-            per_source = []
-            for s in sources[r].tolist():
-                uv, zs = _project(points, viewmats[s], intr[s])
-                colour = _sample(images[s], uv, h, w)  # [h, w, 3]
-                diff = (colour - images[r].permute(1, 2, 0)).abs().mean(dim=-1)
-                diff = diff.masked_fill(zs <= 0, float("nan"))
-                per_source.append(diff)
-            stack = torch.stack(per_source)  # [S, h, w]
-            valid = ~stack.isnan()
-            filled = stack.nan_to_num(1.0)
-            window = F.avg_pool2d(filled[:, None], WINDOW, 1, WINDOW // 2,
-                                  count_include_pad=False)[:, 0]
-            window = window.masked_fill(~valid, float("inf"))
-            keep = max(1, math.ceil(stack.shape[0] / 2))  # the better half: occlusions
-            costs.append(window.topk(keep, dim=0, largest=False).values.mean(dim=0))
+            costs.append(match_cost(images, viewmats, intr, sources, r,
+                                    c2w[r, :3, 3] + rays * z))
         cost = torch.stack(costs)  # [D, h, w]
         value, index = cost.min(dim=0)
         best_depth[r] = _refine_depth(cost, index, depths[r])
@@ -247,18 +258,7 @@ def ground_costs(images: Tensor, c2w: Tensor, intr: Tensor, plane: tuple[Tensor,
         hit = (along < -1e-6) & (depth * rays.norm(dim=-1) < far)
         depth = torch.where(hit, depth, torch.ones_like(depth))
         points = c2w[r, :3, 3] + rays * depth[..., None]
-        per_source = []
-        for s in sources[r].tolist():
-            uv, zs = _project(points, viewmats[s], intr[s])
-            colour = _sample(images[s], uv, h, w)
-            diff = (colour - images[r].permute(1, 2, 0)).abs().mean(dim=-1)
-            per_source.append(diff.masked_fill(zs <= 0, float("nan")))
-        stack = torch.stack(per_source)
-        valid = ~stack.isnan()
-        window = F.avg_pool2d(stack.nan_to_num(1.0)[:, None], WINDOW, 1, WINDOW // 2,
-                              count_include_pad=False)[:, 0].masked_fill(~valid, float("inf"))
-        keep = max(1, math.ceil(stack.shape[0] / 2))
-        cost = window.topk(keep, dim=0, largest=False).values.mean(dim=0)
+        cost = match_cost(images, viewmats, intr, sources, r, points)
         all_points.append(points)
         all_depths.append(depth)
         all_hits.append(hit)
@@ -315,8 +315,7 @@ def plane_sweep_init(images: Tensor, c2w: Tensor, intr: Tensor, config: FitConfi
         # cannot tell the far ground's edge from points floating at eye level: a pixel the
         # ground explains about as well as its best depth is given to the ground.
         max_cost = float(torch.quantile(cost[good], config.init_cost_quantile))
-        sky = small[..., : max(1, h // 16), :].permute(0, 2, 3, 1).reshape(-1, 3).median(
-            dim=0).values
+        sky = top_rows(small).median(dim=0).values
         sky_coloured = (colours - sky).abs().mean(dim=-1) < SKY_COLOUR
         plane = refine_plane_offset(small, c2w, intr_small, plane, sources, ~sky_coloured)
         g_points, g_depth, g_hit, g_cost = ground_costs(
