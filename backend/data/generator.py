@@ -23,7 +23,7 @@ from backend.data.config import DataConfig
 from backend.data.open_render import render_open_grid
 from backend.data.open_scenes import OpenScene, random_open_scene
 from backend.data.rigs import sample_open_rig, sample_rig
-from backend.data.sample import Sample
+from backend.data.sample import Sample, stack_timesteps
 from backend.data.scenes import Scene, random_scene
 from backend.gaussians import Gaussians
 from backend.render import TorchRasterizerConfig, rasterize_torch
@@ -127,12 +127,7 @@ def render_grid(
         gaussians.append(g)
         rendered.append(render_views(g, c2w[:, t], intrinsics[:, t], scene.background, far,
                                      config.empty_alpha))
-    frames, depth, alpha = (torch.stack(parts, dim=1) for parts in zip(*rendered, strict=True))
-    if still:
-        frames, depth, alpha = (x.expand(-1, num_steps, -1, -1, -1).contiguous()
-                                for x in (frames, depth, alpha))
-        gaussians = gaussians * num_steps
-    return frames, depth, alpha, gaussians
+    return stack_timesteps(rendered, gaussians, num_steps)
 
 
 def choose_sample_kind(config: DataConfig, rng: np.random.Generator) -> str:

@@ -18,6 +18,7 @@ from torch import Tensor
 from backend.cameras import c2w_to_viewmat, intrinsics_to_K
 from backend.data.open_scenes import LitState, OpenScene, visibility
 from backend.data.open_textures import to_linear, to_srgb
+from backend.data.sample import stack_timesteps
 from backend.gaussians import Gaussians
 from backend.render import rasterize
 
@@ -184,9 +185,4 @@ def render_open_grid(
         gaussians.append(state.gaussians)
         rendered.append(render_open_views(scene, state, c2w[:, t], intrinsics[:, t], near, far,
                                           empty_alpha, cache))
-    frames, depth, alpha = (torch.stack(parts, dim=1) for parts in zip(*rendered, strict=True))
-    if still:
-        frames, depth, alpha = (x.expand(-1, num_steps, -1, -1, -1).contiguous()
-                                for x in (frames, depth, alpha))
-        gaussians = gaussians * num_steps
-    return frames, depth, alpha, gaussians
+    return stack_timesteps(rendered, gaussians, num_steps)

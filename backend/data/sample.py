@@ -98,3 +98,15 @@ class Sample:
         if self.alpha is not None:
             arrays["alpha"] = self.alpha
         return {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}
+
+
+def stack_timesteps(rendered: list[tuple[Tensor, Tensor, Tensor]], gaussians: list[Gaussians],
+                    num_steps: int) -> tuple[Tensor, Tensor, Tensor, list[Gaussians]]:
+    """Per-timestep renders (frames [V, 3, H, W], depth and alpha [V, 1, H, W]) stacked on
+    a timestep axis: [V, T, ...]. One render (a still sample) is copied to every T."""
+    frames, depth, alpha = (torch.stack(parts, dim=1) for parts in zip(*rendered, strict=True))
+    if len(rendered) == 1 and num_steps > 1:
+        frames, depth, alpha = (x.expand(-1, num_steps, -1, -1, -1).contiguous()
+                                for x in (frames, depth, alpha))
+        gaussians = gaussians * num_steps
+    return frames, depth, alpha, gaussians
