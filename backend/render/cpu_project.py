@@ -43,10 +43,12 @@ def normalised_quat(quats, g, n):  # quats [G, N, 4] -> (w, x, y, z), 1/|q|
 @njit(cache=True, inline="always")
 def camera_point(means, viewmats, g, n, i):  # means [G, N, 3], viewmats [I, 4, 4]
     m0, m1, m2 = means[g, n, 0], means[g, n, 1], means[g, n, 2]
-    v = viewmats[i]
-    return (v[0, 0] * m0 + v[0, 1] * m1 + v[0, 2] * m2 + v[0, 3],
-            v[1, 0] * m0 + v[1, 1] * m1 + v[1, 2] * m2 + v[1, 3],
-            v[2, 0] * m0 + v[2, 1] * m1 + v[2, 2] * m2 + v[2, 3])
+    return (viewmats[i, 0, 0] * m0 + viewmats[i, 0, 1] * m1 + viewmats[i, 0, 2] * m2
+            + viewmats[i, 0, 3],
+            viewmats[i, 1, 0] * m0 + viewmats[i, 1, 1] * m1 + viewmats[i, 1, 2] * m2
+            + viewmats[i, 1, 3],
+            viewmats[i, 2, 0] * m0 + viewmats[i, 2, 1] * m1 + viewmats[i, 2, 2] * m2
+            + viewmats[i, 2, 3])
 
 
 @njit(cache=True, inline="always")
@@ -62,12 +64,12 @@ def clamped_tangents(x, y, z, Ks, i, width, height):  # -> tan_x, tan_y, unclamp
 
 @njit(cache=True, inline="always")
 def jacobian_rows(z, tan_x, tan_y, viewmats, Ks, i):  # A = J R_view, rows a0, a1 (2x3)
-    v = viewmats[i]
     jx, jy = Ks[i, 0, 0] / z, Ks[i, 1, 1] / z
-    return (jx * (v[0, 0] - tan_x * v[2, 0]), jx * (v[0, 1] - tan_x * v[2, 1]),
-            jx * (v[0, 2] - tan_x * v[2, 2]),
-            jy * (v[1, 0] - tan_y * v[2, 0]), jy * (v[1, 1] - tan_y * v[2, 1]),
-            jy * (v[1, 2] - tan_y * v[2, 2]))
+    v = viewmats
+    return (jx * (v[i, 0, 0] - tan_x * v[i, 2, 0]), jx * (v[i, 0, 1] - tan_x * v[i, 2, 1]),
+            jx * (v[i, 0, 2] - tan_x * v[i, 2, 2]),
+            jy * (v[i, 1, 0] - tan_y * v[i, 2, 0]), jy * (v[i, 1, 1] - tan_y * v[i, 2, 1]),
+            jy * (v[i, 1, 2] - tan_y * v[i, 2, 2]))
 
 
 @njit(cache=True, inline="always")
@@ -80,8 +82,10 @@ def half_covariance(a, r, s):  # a: 2x3 rows, r: 3x3 rotation, s: scales -> U = 
 
 @njit(cache=True, inline="always")
 def project_one(means, quats, scales, opacities, viewmats, Ks, g, n, i, width, height,
-                near, far, antialiased, out):
-    """Project Gaussian (g, n) into image i; fill `out` [12] and return whether it is kept."""
+                near, far, antialiased, proj):
+    """Project Gaussian (g, n) into image i; fill proj[i, n] (12) and return whether it is
+    kept. Arrays are indexed element by element: a view per pair would cost reference
+    counting."""
     x, y, z = camera_point(means, viewmats, g, n, i)
     if not (near <= z <= far):
         return False
@@ -109,10 +113,12 @@ def project_one(means, quats, scales, opacities, viewmats, Ks, g, n, i, width, h
     rx, ry = extent * math.sqrt(cov_a) * 1.001 + 0.01, extent * math.sqrt(cov_c) * 1.001 + 0.01
     if mx + rx <= 0 or mx - rx >= width or my + ry <= 0 or my - ry >= height:
         return False
-    out[0], out[1] = mx, my
-    out[2], out[3], out[4] = cov_c / det, -cov_b / det, cov_a / det
-    out[5], out[6], out[7], out[8] = opacity, z, rx, ry
-    out[9], out[10], out[11] = 0.5 * extent * extent, math.exp(-out[2]), 1.0 / out[2]
+    conic_a = cov_c / det
+    proj[i, n, 0], proj[i, n, 1] = mx, my
+    proj[i, n, 2], proj[i, n, 3], proj[i, n, 4] = conic_a, -cov_b / det, cov_a / det
+    proj[i, n, 5], proj[i, n, 6], proj[i, n, 7], proj[i, n, 8] = opacity, z, rx, ry
+    proj[i, n, 9], proj[i, n, 10] = 0.5 * extent * extent, math.exp(-conic_a)
+    proj[i, n, 11] = 1.0 / conic_a
     return True
 
 
@@ -124,7 +130,7 @@ def _project_block(means, quats, scales, opacities, viewmats, Ks, g, i, first, l
                    height, near, far, antialiased, proj, valid):
     for n in range(first, last):
         valid[i, n] = project_one(means, quats, scales, opacities, viewmats, Ks, g, n, i,
-                                  width, height, near, far, antialiased, proj[i, n])
+                                  width, height, near, far, antialiased, proj)
 
 
 @njit(cache=True, parallel=True)
@@ -214,11 +220,11 @@ def project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
     d_quats[g, n, 1] += (dq[1] - qx * dot) * inv_norm
     d_quats[g, n, 2] += (dq[2] - qy * dot) * inv_norm
     d_quats[g, n, 3] += (dq[3] - qz * dot) * inv_norm
-    v, fx, fy = viewmats[i], Ks[i, 0, 0], Ks[i, 1, 1]
+    v, fx, fy = viewmats, Ks[i, 0, 0], Ks[i, 1, 1]
     d_z = grad[6] - (ga[0] * a[0] + ga[1] * a[1] + ga[2] * a[2]
                      + ga[3] * a[3] + ga[4] * a[4] + ga[5] * a[5]) / z
-    d_tan_x = -fx / z * (ga[0] * v[2, 0] + ga[1] * v[2, 1] + ga[2] * v[2, 2])
-    d_tan_y = -fy / z * (ga[3] * v[2, 0] + ga[4] * v[2, 1] + ga[5] * v[2, 2])
+    d_tan_x = -fx / z * (ga[0] * v[i, 2, 0] + ga[1] * v[i, 2, 1] + ga[2] * v[i, 2, 2])
+    d_tan_y = -fy / z * (ga[3] * v[i, 2, 0] + ga[4] * v[i, 2, 1] + ga[5] * v[i, 2, 2])
     d_x, d_y = grad[0] * fx / z, grad[1] * fy / z
     d_z -= (grad[0] * fx * x + grad[1] * fy * y) / (z * z)
     if free_x:
@@ -228,7 +234,7 @@ def project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
         d_y += d_tan_y / z
         d_z -= d_tan_y * y / (z * z)
     for k in range(3):
-        d_means[g, n, k] += v[0, k] * d_x + v[1, k] * d_y + v[2, k] * d_z
+        d_means[g, n, k] += v[i, 0, k] * d_x + v[i, 1, k] * d_y + v[i, 2, k] * d_z
 
 
 @njit(cache=True)
@@ -242,13 +248,16 @@ def _backward_block(means, quats, scales, opacities, viewmats, Ks, g, images, fi
         for n in range(first, last):
             if not valid[i, n]:
                 continue
+            nonzero = False
             for k in range(7):  # summing the partial sums (one per thread, or just one)
                 grad[k] = 0.0
                 for slot in range(entry_grads.shape[0]):
                     grad[k] += entry_grads[slot, i, n, k if k < 6 else 6 + channels]
-            project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
-                                 width, height, antialiased, grad, d_means, d_quats,
-                                 d_scales, d_opacities)
+                nonzero = nonzero or grad[k] != 0.0
+            if nonzero:  # else hidden behind others or outside every pixel: nothing to add
+                project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
+                                     width, height, antialiased, grad, d_means, d_quats,
+                                     d_scales, d_opacities)
             for ch in range(channels):
                 for slot in range(entry_grads.shape[0]):
                     d_colors[target, n, ch] += entry_grads[slot, i, n, 6 + ch]

@@ -33,7 +33,16 @@ GRAD_COLUMNS = 6  # centre x, y, conic a, b, c, opacity; then the F feature colu
 
 
 @njit(cache=True, inline="always")
-def pixel_box(proj_row, x0, y0, x1, y1):  # proj_row [12] -> pixel range [lo, hi) clipped
+def proj_entry(proj, i, n):
+    """Pair (image i, Gaussian n)'s projection as a tuple of its 12 values: unlike a view
+    `proj[i, n]`, it costs no reference counting in the per-pair loops."""
+    return (proj[i, n, 0], proj[i, n, 1], proj[i, n, 2], proj[i, n, 3], proj[i, n, 4],
+            proj[i, n, 5], proj[i, n, 6], proj[i, n, 7], proj[i, n, 8], proj[i, n, 9],
+            proj[i, n, 10], proj[i, n, 11])
+
+
+@njit(cache=True, inline="always")
+def pixel_box(proj_row, x0, y0, x1, y1):  # proj_row (12) -> pixel range [lo, hi) clipped
     col_lo = max(x0, math.ceil(proj_row[0] - proj_row[7] - 0.5))
     col_hi = min(x1, math.floor(proj_row[0] + proj_row[7] - 0.5) + 1)
     row_lo = max(y0, math.ceil(proj_row[1] - proj_row[8] - 0.5))
@@ -94,7 +103,7 @@ def _tile_ranges(proj, i, kept, tile_size, width, height):
     depths = np.empty(kept.shape[0])  # float64: float32 depths convert exactly
     ranges = np.empty((kept.shape[0], 4), np.int32)
     for k in range(kept.shape[0]):
-        row = proj[i, kept[k]]
+        row = proj_entry(proj, i, kept[k])
         depths[k] = row[6]
         c0, c1, r0, r1 = pixel_box(row, 0, 0, width, height)
         ranges[k, 0], ranges[k, 2] = c0 // tile_size, r0 // tile_size
@@ -157,22 +166,27 @@ def tile_origin(tile, tiles_x, tiles_y, tile_size, width, height):
 
 @njit(cache=True, fastmath=True)
 def _pair_forward(row, feat, rank, x0, y0, x1, y1, tile_size, local_t, local_sums, local_stop,
-                  row_active):
-    """Composite one Gaussian (proj row, features feat [F]) at place `rank` of a tile's run
-    into the tile's per-pixel state; returns how many pixels it stopped."""
+                  live_lo, live_hi):
+    """Composite one Gaussian (projection row (12), features feat [F]) at place `rank` of a tile's run
+    into the tile's per-pixel state; returns how many pixels it stopped. Per tile row only the
+    columns [live_lo, live_hi) between its first and last still-compositing pixel are visited,
+    and the bounds move inwards as pixels at them stop."""
     stopped = 0
     c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
     for y in range(r0, r1):
-        if row_active[y - y0] == 0:
+        ly = y - y0
+        lo, hi = max(c0, live_lo[ly]), min(c1, live_hi[ly])
+        if lo >= hi:
             continue
         dy = y + 0.5 - row[1]
-        s0, s1 = row_span(row, dy, c0, c1)
+        s0, s1 = row_span(row, dy, lo, hi)
         g, ratio = row_gaussian_start(row, s0 + 0.5 - row[0], dy)
+        row_stopped = False
         for x in range(s0, s1):
             gaussian = g
             g *= ratio
             ratio *= row[10]
-            p = (y - y0) * tile_size + (x - x0)
+            p = ly * tile_size + (x - x0)
             if local_stop[p] >= 0:
                 continue
             alpha = row[5] * gaussian
@@ -183,13 +197,20 @@ def _pair_forward(row, feat, rank, x0, y0, x1, y1, tile_size, local_t, local_sum
             after = t * (1.0 - alpha)
             if after <= TRANSMITTANCE_MIN:
                 local_stop[p] = rank
-                row_active[y - y0] -= 1
+                row_stopped = True
                 stopped += 1
                 continue
             weight = alpha * t
             for ch in range(feat.shape[0]):
                 local_sums[p, ch] += weight * feat[ch]
             local_t[p] = after
+        if row_stopped:
+            lo, hi = live_lo[ly], live_hi[ly]
+            while lo < hi and local_stop[ly * tile_size + lo - x0] >= 0:
+                lo += 1
+            while hi > lo and local_stop[ly * tile_size + hi - 1 - x0] >= 0:
+                hi -= 1
+            live_lo[ly], live_hi[ly] = lo, hi
     return stopped
 
 
@@ -205,17 +226,17 @@ def forward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_start
     local_t = np.ones(tile_size * tile_size)
     local_sums = np.zeros((tile_size * tile_size, features))
     local_stop = np.full(tile_size * tile_size, -1, np.int64)  # -1: still compositing
-    row_active = np.full(y1 - y0, x1 - x0)  # live pixels per row
+    live_lo, live_hi = np.full(y1 - y0, x0), np.full(y1 - y0, x1)
     active = (x1 - x0) * (y1 - y0)
     feat = np.empty(features)
     for k in range(first, last):
         n = pairs[k]
-        row = proj[i, n]
+        row = proj_entry(proj, i, n)
         for ch in range(features - 1):
             feat[ch] = colors[target, n, ch]
         feat[features - 1] = row[6]
         active -= _pair_forward(row, feat, k - first, x0, y0, x1, y1, tile_size, local_t,
-                                local_sums, local_stop, row_active)
+                                local_sums, local_stop, live_lo, live_hi)
         if active == 0:
             break
     for y in range(y0, y1):
@@ -243,32 +264,42 @@ def composite_forward(proj, colors, cams_per_set, colors_per_camera, tile_start,
 def _backward_tile_state(i, x0, y0, x1, y1, tile_size, sums, transmittance, stops, grad_sums,
                          grad_transmittance):
     """Per pixel of a tile: sum_f g_f S_f + g_T T, the gradient-weighted light behind the first
-    Gaussian; per row: the most pairs any of its pixels used."""
+    Gaussian; and the most pairs any of its pixels used."""
     behind_all = np.zeros(tile_size * tile_size)
-    row_used = np.zeros(y1 - y0, np.int64)
+    used = 0
     for y in range(y0, y1):
         for x in range(x0, x1):
             total = grad_transmittance[i, y, x] * transmittance[i, y, x]
             for ch in range(sums.shape[3]):
                 total += grad_sums[i, y, x, ch] * sums[i, y, x, ch]
             behind_all[(y - y0) * tile_size + (x - x0)] = total
-            row_used[y - y0] = max(row_used[y - y0], stops[i, y, x])
-    return behind_all, row_used
+            used = max(used, stops[i, y, x])
+    return behind_all, used
 
 
 @njit(cache=True, fastmath=True)
-def _pair_backward(row, feat, rank, i, x0, y0, x1, y1, tile_size, stops, row_used, local_t,
-                   behind_all, in_front, grad_sums, acc):
-    """One Gaussian (proj row, features feat [F]) at place `rank` of a tile's run: advance the
-    tile's per-pixel state and write its gradients (see GRAD_COLUMNS) to acc [6+F]."""
+def _pair_backward(row, feat, rank, i, x0, y0, x1, y1, tile_size, stops, live_lo, live_hi,
+                   local_t, behind_all, in_front, grad_sums, acc):
+    """One Gaussian (projection row (12), features feat [F]) at place `rank` of a tile's run: advance the
+    tile's per-pixel state and write its gradients (see GRAD_COLUMNS) to acc [6+F]. Per tile
+    row only the columns [live_lo, live_hi) between its first and last pixel that used this
+    place are visited; the bounds move inwards as the rank passes their pixels' stops."""
     features = feat.shape[0]
     acc[:] = 0.0
     c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
     for y in range(r0, r1):
-        if rank >= row_used[y - y0]:
+        ly = y - y0
+        lo, hi = live_lo[ly], live_hi[ly]
+        while lo < hi and rank >= stops[i, y, lo]:
+            lo += 1
+        while hi > lo and rank >= stops[i, y, hi - 1]:
+            hi -= 1
+        live_lo[ly], live_hi[ly] = lo, hi
+        lo, hi = max(c0, lo), min(c1, hi)
+        if lo >= hi:
             continue
         dy = y + 0.5 - row[1]
-        s0, s1 = row_span(row, dy, c0, c1)
+        s0, s1 = row_span(row, dy, lo, hi)
         g, ratio = row_gaussian_start(row, s0 + 0.5 - row[0], dy)
         for x in range(s0, s1):
             gaussian = g
@@ -316,21 +347,22 @@ def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_star
     target = i if colors_per_camera else (i // cams_per_set if num_sets > 1 else 0)
     first = tile_start[tile]
     local_t = np.ones(tile_size * tile_size)
-    behind_all, row_used = _backward_tile_state(i, x0, y0, x1, y1, tile_size, sums,
-                                                transmittance, stops, grad_sums,
-                                                grad_transmittance)
+    behind_all, used = _backward_tile_state(i, x0, y0, x1, y1, tile_size, sums, transmittance,
+                                            stops, grad_sums, grad_transmittance)
     in_front = np.zeros(tile_size * tile_size)  # behind_all's part in front of the Gaussian
+    live_lo, live_hi = np.full(y1 - y0, x0), np.full(y1 - y0, x1)
     feat, acc = np.empty(features), np.empty(GRAD_COLUMNS + features)
-    used = row_used.max() if y1 > y0 else 0
     for k in range(first, first + used):
         n = pairs[k]
-        row = proj[i, n]
+        row = proj_entry(proj, i, n)
         for ch in range(channels):
             feat[ch] = colors[target, n, ch]
         feat[channels] = row[6]
-        _pair_backward(row, feat, k - first, i, x0, y0, x1, y1, tile_size, stops, row_used,
-                       local_t, behind_all, in_front, grad_sums, acc)
-        out[0 if by_entry else numba.get_thread_id(), i, n] += acc
+        _pair_backward(row, feat, k - first, i, x0, y0, x1, y1, tile_size, stops, live_lo,
+                       live_hi, local_t, behind_all, in_front, grad_sums, acc)
+        slot = 0 if by_entry else numba.get_thread_id()
+        for c in range(acc.shape[0]):
+            out[slot, i, n, c] += acc[c]
 
 
 @njit(cache=True, parallel=True)
