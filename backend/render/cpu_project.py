@@ -26,21 +26,21 @@ FRUSTUM_MARGIN = 0.3
 PROJ_WIDTH = 12
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def quat_to_rotation(qw, qx, qy, qz):  # normalised (w, x, y, z) -> row-major 3x3 entries
     return (1 - 2 * (qy * qy + qz * qz), 2 * (qx * qy - qw * qz), 2 * (qx * qz + qw * qy),
             2 * (qx * qy + qw * qz), 1 - 2 * (qx * qx + qz * qz), 2 * (qy * qz - qw * qx),
             2 * (qx * qz - qw * qy), 2 * (qy * qz + qw * qx), 1 - 2 * (qx * qx + qy * qy))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def normalised_quat(quats, g, n):  # quats [G, N, 4] -> (w, x, y, z), 1/|q|
     qw, qx, qy, qz = quats[g, n, 0], quats[g, n, 1], quats[g, n, 2], quats[g, n, 3]
     inv = 1.0 / max(math.sqrt(qw * qw + qx * qx + qy * qy + qz * qz), 1e-12)
     return qw * inv, qx * inv, qy * inv, qz * inv, inv
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def camera_point(means, viewmats, g, n, i):  # means [G, N, 3], viewmats [I, 4, 4]
     m0, m1, m2 = means[g, n, 0], means[g, n, 1], means[g, n, 2]
     return (viewmats[i, 0, 0] * m0 + viewmats[i, 0, 1] * m1 + viewmats[i, 0, 2] * m2
@@ -51,7 +51,7 @@ def camera_point(means, viewmats, g, n, i):  # means [G, N, 3], viewmats [I, 4, 
             + viewmats[i, 2, 3])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def clamped_tangents(x, y, z, Ks, i, width, height):  # -> tan_x, tan_y, unclamped x, y
     fx, fy, cx, cy = Ks[i, 0, 0], Ks[i, 1, 1], Ks[i, 0, 2], Ks[i, 1, 2]
     margin_x, margin_y = FRUSTUM_MARGIN * 0.5 * width / fx, FRUSTUM_MARGIN * 0.5 * height / fy
@@ -62,7 +62,7 @@ def clamped_tangents(x, y, z, Ks, i, width, height):  # -> tan_x, tan_y, unclamp
             lo_x < tx < hi_x, lo_y < ty < hi_y)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def jacobian_rows(z, tan_x, tan_y, viewmats, Ks, i):  # A = J R_view, rows a0, a1 (2x3)
     jx, jy = Ks[i, 0, 0] / z, Ks[i, 1, 1] / z
     v = viewmats
@@ -72,7 +72,7 @@ def jacobian_rows(z, tan_x, tan_y, viewmats, Ks, i):  # A = J R_view, rows a0, a
             jy * (v[i, 1, 2] - tan_y * v[i, 2, 2]))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def half_covariance(a, r, s):  # a: 2x3 rows, r: 3x3 rotation, s: scales -> U = A Rq, T = U S
     u = (a[0] * r[0] + a[1] * r[3] + a[2] * r[6], a[0] * r[1] + a[1] * r[4] + a[2] * r[7],
          a[0] * r[2] + a[1] * r[5] + a[2] * r[8], a[3] * r[0] + a[4] * r[3] + a[5] * r[6],
@@ -80,7 +80,7 @@ def half_covariance(a, r, s):  # a: 2x3 rows, r: 3x3 rotation, s: scales -> U = 
     return u, (u[0] * s[0], u[1] * s[1], u[2] * s[2], u[3] * s[0], u[4] * s[1], u[5] * s[2])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def project_one(means, quats, scales, opacities, viewmats, Ks, g, n, i, width, height,
                 near, far, antialiased, proj):
     """Project Gaussian (g, n) into image i; fill proj[i, n] (12) and return whether it is
@@ -125,7 +125,7 @@ def project_one(means, quats, scales, opacities, viewmats, Ks, g, n, i, width, h
 BLOCK = 256  # Gaussians per parallel work item
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _project_block(means, quats, scales, opacities, viewmats, Ks, g, i, first, last, width,
                    height, near, far, antialiased, proj, valid):
     for n in range(first, last):
@@ -133,7 +133,7 @@ def _project_block(means, quats, scales, opacities, viewmats, Ks, g, i, first, l
                                   width, height, near, far, antialiased, proj)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def project_all(means, quats, scales, opacities, viewmats, Ks, cams_per_set, width, height,
                 near, far, antialiased, proj, valid):
     """Every (image, Gaussian) pair: proj [I, N, 12], valid [I, N] (uint8) filled in place.
@@ -153,7 +153,7 @@ def project_all(means, quats, scales, opacities, viewmats, Ks, cams_per_set, wid
                        proj, valid)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def rotation_backward(qw, qx, qy, qz, gr):  # gr: dL/dRq (row-major 9) -> dL/dq (normalised)
     return (2 * (-qz * gr[1] + qy * gr[2] + qz * gr[3] - qx * gr[5] - qy * gr[6] + qx * gr[7]),
             2 * (qy * gr[1] + qz * gr[2] + qy * gr[3] - 2 * qx * gr[4] - qw * gr[5]
@@ -164,7 +164,7 @@ def rotation_backward(qw, qx, qy, qz, gr):  # gr: dL/dRq (row-major 9) -> dL/dq 
                  + qy * gr[5] + qx * gr[6] + qy * gr[7]))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def covariance_backward(cov_a, cov_b, cov_c, opacity, grad, antialiased):
     """dL/d(cov_a, cov_b, cov_c) and dL/d(raw opacity) from dL/d(conic, effective opacity)."""
     det = cov_a * cov_c - cov_b * cov_b
@@ -181,7 +181,7 @@ def covariance_backward(cov_a, cov_b, cov_c, opacity, grad, antialiased):
             d_c + d_ratio * (cov_a - BLUR_EPS - ratio * cov_a), grad[5] * comp)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i, width, height,
                          antialiased, grad, d_means, d_quats, d_scales, d_opacities):
     """Add the gradients of kept pair (image i, Gaussian (g, n)) to the d_* arrays.
@@ -237,7 +237,7 @@ def project_one_backward(means, quats, scales, opacities, viewmats, Ks, g, n, i,
         d_means[g, n, k] += v[i, 0, k] * d_x + v[i, 1, k] * d_y + v[i, 2, k] * d_z
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _backward_block(means, quats, scales, opacities, viewmats, Ks, g, images, first, last,
                     width, height, antialiased, colors_per_camera, valid, entry_grads,
                     d_means, d_quats, d_scales, d_opacities, d_colors):
@@ -263,7 +263,7 @@ def _backward_block(means, quats, scales, opacities, viewmats, Ks, g, images, fi
                     d_colors[target, n, ch] += entry_grads[slot, i, n, 6 + ch]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def project_all_backward(means, quats, scales, opacities, viewmats, Ks, cams_per_set, width,
                          height, antialiased, colors_per_camera, valid, entry_grads,
                          d_means, d_quats, d_scales, d_opacities, d_colors):

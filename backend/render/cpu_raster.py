@@ -15,6 +15,10 @@ Gradients land in rows per (image, Gaussian), without races: one image per threa
 call has many images, else one tile per thread and a set of rows per thread.
 
 Features per Gaussian are its D colour channels and its depth z (F = D + 1 columns of `sums`).
+
+Kernels here and in `cpu_project` compile with numpy's error model: a division by zero gives
+inf or nan instead of raising (none happens on kept pairs), which spares every division a
+branch and lets numba drop the reference counting of array arguments in the per-pair helpers.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ TRANSMITTANCE_MIN = 1e-4
 GRAD_COLUMNS = 6  # centre x, y, conic a, b, c, opacity; then the F feature columns
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def proj_entry(proj, i, n):
     """Pair (image i, Gaussian n)'s projection as a tuple of its 12 values: unlike a view
     `proj[i, n]`, it costs no reference counting in the per-pair loops."""
@@ -41,7 +45,7 @@ def proj_entry(proj, i, n):
             proj[i, n, 10], proj[i, n, 11])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def pixel_box(proj_row, x0, y0, x1, y1):  # proj_row (12) -> pixel range [lo, hi) clipped
     col_lo = max(x0, math.ceil(proj_row[0] - proj_row[7] - 0.5))
     col_hi = min(x1, math.floor(proj_row[0] + proj_row[7] - 0.5) + 1)
@@ -50,7 +54,7 @@ def pixel_box(proj_row, x0, y0, x1, y1):  # proj_row (12) -> pixel range [lo, hi
     return col_lo, col_hi, row_lo, row_hi
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def row_span(row, dy, c0, c1):  # columns [lo, hi) of row dy inside the alpha ellipse
     """The ellipse 0.5 (a dx^2 + c dy^2) + b dx dy <= log(255 opacity) (alpha >= 1/255) cut by
     one pixel row, widened by 1e-3 px against rounding."""
@@ -63,7 +67,7 @@ def row_span(row, dy, c0, c1):  # columns [lo, hi) of row dy inside the alpha el
             min(c1, math.floor(mid + half + 1e-3) + 1))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def radix_argsort(keys, bits):  # keys [M] uint64 below 2**bits -> stable order [M] (int64)
     """LSD radix sort by 11-bit digits, skipping digits every key shares."""
     idx, keys = np.arange(keys.shape[0]), keys.copy()
@@ -85,7 +89,7 @@ def radix_argsort(keys, bits):  # keys [M] uint64 below 2**bits -> stable order 
     return idx
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def row_gaussian_start(row, dx, dy):
     """exp(-power) at the row's first pixel and its ratio to the next pixel's: along a row the
     power is quadratic in dx, so the Gaussian is two multiplies per pixel (g *= r, r *= exp(-a))
@@ -96,7 +100,7 @@ def row_gaussian_start(row, dx, dy):
     return math.exp(-power), math.exp(-(a * dx + 0.5 * a + b * dy))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _tile_ranges(proj, i, kept, tile_size, width, height):
     """Depths [M] and tile ranges [M, 4] (x first, x last, y first, y last; x last < x first
     when no pixel centre is covered) of image i's kept Gaussians, read in index order."""
@@ -112,7 +116,7 @@ def _tile_ranges(proj, i, kept, tile_size, width, height):
     return depths, ranges
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def sort_and_count(proj, valid, tile_size, tiles_x, width, height, order, tile_ranges, counts,
                    tile_counts):
     """Per image: order [I, N] kept Gaussians by depth (counts [I] of them) with their tile
@@ -140,7 +144,7 @@ def sort_and_count(proj, valid, tile_size, tiles_x, width, height, order, tile_r
         counts[i] = num
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def fill_tiles(order, tile_ranges, counts, tiles_x, tile_start, pairs):
     """pairs [P]: Gaussian index per (tile, Gaussian) pair, tile after tile (tile_start
     [I * tiles + 1] offsets), each tile's run in depth order."""
@@ -157,20 +161,20 @@ def fill_tiles(order, tile_ranges, counts, tiles_x, tile_start, pairs):
                     cursor[tile] += 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def tile_origin(tile, tiles_x, tiles_y, tile_size, width, height):
     i, local = tile // (tiles_x * tiles_y), tile % (tiles_x * tiles_y)
     x0, y0 = (local % tiles_x) * tile_size, (local // tiles_x) * tile_size
     return i, x0, y0, min(x0 + tile_size, width), min(y0 + tile_size, height)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, error_model="numpy", fastmath=True)
 def _pair_forward(row, feat, rank, x0, y0, x1, y1, tile_size, local_t, local_sums, local_stop,
                   live_lo, live_hi):
-    """Composite one Gaussian (projection row (12), features feat [F]) at place `rank` of a tile's run
-    into the tile's per-pixel state; returns how many pixels it stopped. Per tile row only the
-    columns [live_lo, live_hi) between its first and last still-compositing pixel are visited,
-    and the bounds move inwards as pixels at them stop."""
+    """Composite one Gaussian (projection row (12), features feat [F]) at place `rank` of a
+    tile's run into the tile's per-pixel state; returns how many pixels it stopped. Per tile
+    row only the columns [live_lo, live_hi) between its first and last still-compositing pixel
+    are visited, and the bounds move inwards as pixels at them stop."""
     stopped = 0
     c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
     for y in range(r0, r1):
@@ -214,7 +218,7 @@ def _pair_forward(row, feat, rank, x0, y0, x1, y1, tile_size, local_t, local_sum
     return stopped
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, error_model="numpy", fastmath=True)
 def forward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
                  tile_size, tiles_x, tiles_y, sums, transmittance, stops):
     """Composite one tile front to back in tile-local state, then write its pixels."""
@@ -244,10 +248,11 @@ def forward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_start
             p = (y - y0) * tile_size + (x - x0)
             transmittance[i, y, x] = local_t[p]
             stops[i, y, x] = local_stop[p] if local_stop[p] >= 0 else last - first
-            sums[i, y, x, :] = local_sums[p]
+            for ch in range(features):
+                sums[i, y, x, ch] = local_sums[p, ch]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def composite_forward(proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
                       tile_size, tiles_x, tiles_y, sums, transmittance, stops):
     """Composite every tile: sums [I, H, W, F] (float64), transmittance [I, H, W] (float64)
@@ -260,7 +265,7 @@ def composite_forward(proj, colors, cams_per_set, colors_per_camera, tile_start,
                      tile_size, tiles_x, tiles_y, sums, transmittance, stops)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, error_model="numpy", fastmath=True)
 def _backward_tile_state(i, x0, y0, x1, y1, tile_size, sums, transmittance, stops, grad_sums,
                          grad_transmittance):
     """Per pixel of a tile: sum_f g_f S_f + g_T T, the gradient-weighted light behind the first
@@ -277,15 +282,17 @@ def _backward_tile_state(i, x0, y0, x1, y1, tile_size, sums, transmittance, stop
     return behind_all, used
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, error_model="numpy", fastmath=True)
 def _pair_backward(row, feat, rank, i, x0, y0, x1, y1, tile_size, stops, live_lo, live_hi,
                    local_t, behind_all, in_front, grad_sums, acc):
-    """One Gaussian (projection row (12), features feat [F]) at place `rank` of a tile's run: advance the
-    tile's per-pixel state and write its gradients (see GRAD_COLUMNS) to acc [6+F]. Per tile
-    row only the columns [live_lo, live_hi) between its first and last pixel that used this
-    place are visited; the bounds move inwards as the rank passes their pixels' stops."""
+    """One Gaussian (projection row (12), features feat [F]) at place `rank` of a tile's run:
+    advance the tile's per-pixel state and write its gradients (see GRAD_COLUMNS) to acc
+    [6+F]. Per tile row only the columns [live_lo, live_hi) between its first and last pixel
+    that used this place are visited; the bounds move inwards as the rank passes their pixels'
+    stops."""
     features = feat.shape[0]
-    acc[:] = 0.0
+    for c in range(acc.shape[0]):
+        acc[c] = 0.0
     c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
     for y in range(r0, r1):
         ly = y - y0
@@ -334,7 +341,7 @@ def _pair_backward(row, feat, rank, i, x0, y0, x1, y1, tile_size, stops, live_lo
                 acc[5] += d_alpha * gaussian  # d visible / d opacity
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, error_model="numpy", fastmath=True)
 def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
                   tile_size, tiles_x, tiles_y, sums, transmittance, stops, grad_sums,
                   grad_transmittance, out, by_entry):
@@ -365,7 +372,7 @@ def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_star
             out[slot, i, n, c] += acc[c]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def composite_backward(proj, colors, cams_per_set, colors_per_camera, tile_start, pairs,
                        tile_size, tiles_x, tiles_y, sums, transmittance, stops, grad_sums,
                        grad_transmittance, out, by_entry):
