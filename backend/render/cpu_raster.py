@@ -359,6 +359,7 @@ def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_star
     in_front = np.zeros(tile_size * tile_size)  # behind_all's part in front of the Gaussian
     live_lo, live_hi = np.full(y1 - y0, x0), np.full(y1 - y0, x1)
     feat, acc = np.empty(features), np.empty(GRAD_COLUMNS + features)
+    slot = 0 if by_entry else numba.get_thread_id()
     for k in range(first, first + used):
         n = pairs[k]
         row = proj_entry(proj, i, n)
@@ -367,7 +368,6 @@ def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_star
         feat[channels] = row[6]
         _pair_backward(row, feat, k - first, i, x0, y0, x1, y1, tile_size, stops, live_lo,
                        live_hi, local_t, behind_all, in_front, grad_sums, acc)
-        slot = 0 if by_entry else numba.get_thread_id()
         for c in range(acc.shape[0]):
             out[slot, i, n, c] += acc[c]
 
