@@ -137,7 +137,8 @@ def sort_and_count(proj, valid, tile_size, tiles_x, width, height, order, tile_r
             if ranges[k, 1] < ranges[k, 0]:
                 continue  # covers no pixel centre
             order[i, num] = kept[k]
-            tile_ranges[i, num] = ranges[k]
+            for c in range(4):
+                tile_ranges[i, num, c] = ranges[k, c]
             num += 1
             for ty in range(ranges[k, 2], ranges[k, 3] + 1):
                 for tx in range(ranges[k, 0], ranges[k, 1] + 1):
