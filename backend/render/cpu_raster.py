@@ -289,12 +289,13 @@ def _pair_backward(row, feat, rank, i, x0, y0, x1, y1, tile_size, stops, live_lo
                    live_until, local_t, behind_all, in_front, grad_sums, acc):
     """One Gaussian (projection row (12), features feat [F]) at place `rank` of a tile's run:
     advance the tile's per-pixel state and write its gradients (see GRAD_COLUMNS) to acc
-    [6+F]. Per tile row only the columns [live_lo, live_hi) between its first and last pixel
+    [6+F]; returns whether it reached a pixel (else acc is zero). Per tile row only the columns [live_lo, live_hi) between its first and last pixel
     that used this place are visited; the bounds move inwards once the rank reaches live_until,
     the sooner of their pixels' stops."""
     features = feat.shape[0]
     for c in range(acc.shape[0]):
         acc[c] = 0.0
+    reached = False
     c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
     for y in range(r0, r1):
         ly = y - y0
@@ -323,6 +324,7 @@ def _pair_backward(row, feat, rank, i, x0, y0, x1, y1, tile_size, stops, live_lo
                 continue
             alpha = min(visible, ALPHA_MAX)
             p = (y - y0) * tile_size + (x - x0)
+            reached = True
             t, keep = local_t[p], 1.0 - alpha
             weight = alpha * t
             g_feat = 0.0  # sum_f g_f feat_f
@@ -343,6 +345,7 @@ def _pair_backward(row, feat, rank, i, x0, y0, x1, y1, tile_size, stops, live_lo
                 acc[3] += d_power * dx * dy
                 acc[4] += d_power * 0.5 * dy * dy
                 acc[5] += d_alpha * gaussian  # d visible / d opacity
+    return reached
 
 
 @njit(cache=True, error_model="numpy", fastmath=True)
@@ -371,10 +374,10 @@ def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_star
         for ch in range(channels):
             feat[ch] = colors[target, n, ch]
         feat[channels] = row[6]
-        _pair_backward(row, feat, k - first, i, x0, y0, x1, y1, tile_size, stops, live_lo,
-                       live_hi, live_until, local_t, behind_all, in_front, grad_sums, acc)
-        for c in range(acc.shape[0]):
-            out[slot, i, n, c] += acc[c]
+        if _pair_backward(row, feat, k - first, i, x0, y0, x1, y1, tile_size, stops, live_lo,
+                          live_hi, live_until, local_t, behind_all, in_front, grad_sums, acc):
+            for c in range(acc.shape[0]):
+                out[slot, i, n, c] += acc[c]
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
