@@ -33,7 +33,6 @@ from backend.render.cpu_project import ALPHA_MIN
 
 ALPHA_MAX = 0.99
 TRANSMITTANCE_MIN = 1e-4
-MAX_RANK = np.iinfo(np.int64).max
 GRAD_COLUMNS = 6  # centre x, y, conic a, b, c, opacity; then the F feature columns
 
 
@@ -286,12 +285,12 @@ def _backward_tile_state(i, x0, y0, x1, y1, tile_size, sums, transmittance, stop
 
 @njit(cache=True, error_model="numpy", fastmath=True)
 def _pair_backward(row, feat, rank, i, x0, y0, x1, y1, tile_size, stops, live_lo, live_hi,
-                   live_until, local_t, behind_all, in_front, grad_sums, acc):
+                   local_t, behind_all, in_front, grad_sums, acc):
     """One Gaussian (projection row (12), features feat [F]) at place `rank` of a tile's run:
     advance the tile's per-pixel state and write its gradients (see GRAD_COLUMNS) to acc
-    [6+F]; returns whether it reached a pixel (else acc is zero). Per tile row only the columns [live_lo, live_hi) between its first and last pixel
-    that used this place are visited; the bounds move inwards once the rank reaches live_until,
-    the sooner of their pixels' stops."""
+    [6+F]; returns whether it reached a pixel (else acc is zero). Per tile row only the
+    columns [live_lo, live_hi) between its first and last pixel that used this place are
+    visited; the bounds move inwards as the rank passes their pixels' stops."""
     features = feat.shape[0]
     for c in range(acc.shape[0]):
         acc[c] = 0.0
@@ -299,15 +298,13 @@ def _pair_backward(row, feat, rank, i, x0, y0, x1, y1, tile_size, stops, live_lo
     c0, c1, r0, r1 = pixel_box(row, x0, y0, x1, y1)
     for y in range(r0, r1):
         ly = y - y0
-        if rank >= live_until[ly]:
-            lo, hi = live_lo[ly], live_hi[ly]
-            while lo < hi and rank >= stops[i, y, lo]:
-                lo += 1
-            while hi > lo and rank >= stops[i, y, hi - 1]:
-                hi -= 1
-            live_lo[ly], live_hi[ly] = lo, hi
-            live_until[ly] = min(stops[i, y, lo], stops[i, y, hi - 1]) if lo < hi else MAX_RANK
-        lo, hi = max(c0, live_lo[ly]), min(c1, live_hi[ly])
+        lo, hi = live_lo[ly], live_hi[ly]
+        while lo < hi and rank >= stops[i, y, lo]:
+            lo += 1
+        while hi > lo and rank >= stops[i, y, hi - 1]:
+            hi -= 1
+        live_lo[ly], live_hi[ly] = lo, hi
+        lo, hi = max(c0, lo), min(c1, hi)
         if lo >= hi:
             continue
         dy = y + 0.5 - row[1]
@@ -365,7 +362,6 @@ def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_star
                                             stops, grad_sums, grad_transmittance)
     in_front = np.zeros(tile_size * tile_size)  # behind_all's part in front of the Gaussian
     live_lo, live_hi = np.full(y1 - y0, x0), np.full(y1 - y0, x1)
-    live_until = np.zeros(y1 - y0, np.int64)
     feat, acc = np.empty(features), np.empty(GRAD_COLUMNS + features)
     slot = 0 if by_entry else numba.get_thread_id()
     for k in range(first, first + used):
@@ -375,7 +371,7 @@ def backward_tile(tile, proj, colors, cams_per_set, colors_per_camera, tile_star
             feat[ch] = colors[target, n, ch]
         feat[channels] = row[6]
         if _pair_backward(row, feat, k - first, i, x0, y0, x1, y1, tile_size, stops, live_lo,
-                          live_hi, live_until, local_t, behind_all, in_front, grad_sums, acc):
+                          live_hi, local_t, behind_all, in_front, grad_sums, acc):
             for c in range(acc.shape[0]):
                 out[slot, i, n, c] += acc[c]
 
