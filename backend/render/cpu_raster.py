@@ -4,8 +4,9 @@ Projected pairs (`cpu_project.project_all`: proj [I, N, 12], valid [I, N]) are b
 image: the kept Gaussians are sorted by depth (stable, so ties keep index order) and appended
 to every tile whose pixel centres their alpha >= 1/255 box covers, so each tile's list is
 depth-sorted. Tiles are composited in parallel. Inside a tile the loop runs Gaussian by
-Gaussian over just the pixels of its box (the torch twin evaluates whole tiles): a pixel
-stops once its transmittance would fall to 1e-4 or below, the tile once all its pixels have.
+Gaussian over just the pixels of its ellipse that lie between each row's first and last
+still-compositing pixel (the torch twin evaluates whole tiles): a pixel stops once its
+transmittance would fall to 1e-4 or below, the tile once all its pixels have.
 
 The backward pass walks each tile front to back again, recomputing the transmittance (no
 division by 1 - alpha), and uses the final feature sums to get the light behind each
