@@ -88,7 +88,7 @@ def _clone(g: FitGaussians, mask: Tensor) -> None:
     if not mask.any():
         return
     g.append([m[mask] for m in g.means], [q[mask] for q in g.quats], g.log_scales[mask],
-             g.opacity_logits[mask], g.sh0[mask])
+             g.opacity_logits[mask], g.sh0[mask], g.filter_var[mask])
 
 
 def _split(g: FitGaussians, mask: Tensor, generator: torch.Generator) -> None:
@@ -104,7 +104,7 @@ def _split(g: FitGaussians, mask: Tensor, generator: torch.Generator) -> None:
         quats.append(q[mask].repeat(SPLIT_COUNT, 1))
     log_scales = torch.log((scales / SPLIT_SHRINK).clamp(min=SCALE_FLOOR))
     g.append(means, quats, log_scales, g.opacity_logits[mask].repeat(SPLIT_COUNT),
-             g.sh0[mask].repeat(SPLIT_COUNT, 1))
+             g.sh0[mask].repeat(SPLIT_COUNT, 1), g.filter_var[mask].repeat(SPLIT_COUNT))
 
 
 def reset_opacity(g: FitGaussians, ceiling: float = 0.01) -> None:

@@ -4,6 +4,13 @@ and rotation per timestep.
 Index i is the same Gaussian at every timestep (its identity): colour, opacity and scales
 are shared; means and rotations are per timestep. Density control adds and removes
 Gaussians on every timestep at once, so identities stay aligned.
+
+A 3D smoothing filter (Mip-Splatting, Yu et al. 2024) bounds how thin a Gaussian can be:
+each one is convolved with an isotropic Gaussian of variance `filter_var` (world units^2,
+set from the finest pixel footprint any input camera has at the Gaussian, not trained), its
+opacity scaled so its integral is kept. A splat then never gets thinner than the input
+pixels resolve, so renders at a higher resolution than the fit's show no speckle. The
+filter is baked into the exported scales and opacities.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ class FitGaussians:
         self.log_scales = log_scales.detach().clone().requires_grad_()
         self.opacity_logits = opacity_logits.detach().clone().requires_grad_()
         self.sh0 = sh0.detach().clone().requires_grad_()
+        self.filter_var = torch.zeros(means.shape[0], device=means.device)  # [N], not trained
 
     @classmethod
     def from_points(cls, means: Tensor, colors: Tensor, sizes: Tensor, opacity: float,
@@ -57,11 +65,51 @@ class FitGaussians:
         return [self.log_scales, self.opacity_logits, self.sh0]
 
     def activated(self, t: int) -> dict[str, Tensor]:
-        """rasterize() arguments of timestep t."""
-        return {"means": self.means[t], "quats": self.quats[t],
-                "scales": torch.exp(self.log_scales),
-                "opacities": torch.sigmoid(self.opacity_logits),
-                "colors": (0.5 + SH_C0 * self.sh0).clamp(min=0.0)}
+        """rasterize() arguments of timestep t (the 3D filter applied)."""
+        scales, opacities = self.filtered()
+        return {"means": self.means[t], "quats": self.quats[t], "scales": scales,
+                "opacities": opacities, "colors": (0.5 + SH_C0 * self.sh0).clamp(min=0.0)}
+
+    def filtered(self) -> tuple[Tensor, Tensor]:
+        """Scales [N, 3] and opacities [N] with the 3D filter: variances s^2 + filter_var,
+        opacity x sqrt(prod s^2 / prod (s^2 + filter_var)) (the same integral)."""
+        variances = torch.exp(2 * self.log_scales)
+        opacities = torch.sigmoid(self.opacity_logits)
+        if not bool((self.filter_var > 0).any()):
+            return variances.sqrt(), opacities
+        widened = variances + self.filter_var[:, None]
+        keep = torch.exp(0.5 * (torch.log(variances) - torch.log(widened)).sum(dim=-1))
+        return widened.sqrt(), opacities * keep
+
+    def set_filter(self, c2w: list[Tensor], intrinsics: list[Tensor],
+                   variance_px: float) -> None:
+        """The 3D filter from the input cameras: `c2w` [C_t, 4, 4] and `intrinsics`
+        [C_t, 6] the fitted cameras of each timestep t (weightless cells left out by the
+        caller). A Gaussian's filter variance is `variance_px` pixels^2 at the finest
+        footprint (z / f) of the cameras that see it in their frame; Gaussians no camera
+        sees take the coarsest footprint of those seen."""
+        with torch.no_grad():
+            n = len(self)
+            finest = torch.full((n,), float("inf"), device=self.log_scales.device)
+            for t, m in enumerate(self.means):
+                if c2w[t].numel() == 0:
+                    continue
+                w2c = torch.linalg.inv(c2w[t].double()).float()  # [C, 4, 4]
+                cam = m.detach() @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]
+                z = cam[..., 2]  # [C, N]
+                fx, fy, cx, cy, width, height = (intrinsics[t][:, k, None] for k in range(6))
+                x = fx * cam[..., 0] / z.clamp(min=1e-9) + cx
+                y = fy * cam[..., 1] / z.clamp(min=1e-9) + cy
+                inside = ((z > 1e-6) & (x >= -0.15 * width) & (x <= 1.15 * width)
+                          & (y >= -0.15 * height) & (y <= 1.15 * height))
+                footprint = (z / torch.minimum(fx, fy)).masked_fill(~inside, float("inf"))
+                finest = torch.minimum(finest, footprint.amin(dim=0))
+            seen = torch.isfinite(finest)
+            if not bool(seen.any()):
+                self.filter_var = torch.zeros_like(finest)
+                return
+            finest = torch.where(seen, finest, finest[seen].max())
+            self.filter_var = variance_px * finest ** 2
 
     def select(self, keep: Tensor) -> None:
         """Keep Gaussians where `keep` [N] is true (or the indices it lists), at every step."""
@@ -71,10 +119,11 @@ class FitGaussians:
         self.quats = [take(q) for q in self.quats]
         self.log_scales, self.opacity_logits, self.sh0 = (
             take(self.log_scales), take(self.opacity_logits), take(self.sh0))
+        self.filter_var = self.filter_var[keep]
 
     def append(self, means: list[Tensor], quats: list[Tensor], log_scales: Tensor,
-               opacity_logits: Tensor, sh0: Tensor) -> None:
-        """Add Gaussians (per-timestep means and quats, shared appearance)."""
+               opacity_logits: Tensor, sh0: Tensor, filter_var: Tensor) -> None:
+        """Add Gaussians (per-timestep means and quats, shared appearance, their filter)."""
         def cat(a: Tensor, b: Tensor) -> Tensor:
             return torch.cat([a.detach(), b.detach()]).requires_grad_()
         self.means = [cat(a, b) for a, b in zip(self.means, means, strict=True)]
@@ -82,14 +131,18 @@ class FitGaussians:
         self.log_scales = cat(self.log_scales, log_scales)
         self.opacity_logits = cat(self.opacity_logits, opacity_logits)
         self.sh0 = cat(self.sh0, sh0)
+        self.filter_var = torch.cat([self.filter_var, filter_var.detach()])
 
     def to_gaussians(self) -> list[Gaussians]:
-        """One Gaussians container per timestep, index i the same Gaussian in each."""
+        """One Gaussians container per timestep, index i the same Gaussian in each (the 3D
+        filter baked into scales and opacities)."""
         with torch.no_grad():
             def array(x: Tensor):
                 return x.detach().float().cpu().numpy()
-            shared = {"log_scales": array(self.log_scales),
-                      "opacity_logits": array(self.opacity_logits), "sh0": array(self.sh0)}
+            scales, opacities = self.filtered()
+            shared = {"log_scales": array(torch.log(scales)),
+                      "opacity_logits": array(inverse_sigmoid(opacities)),
+                      "sh0": array(self.sh0)}
             return [Gaussians(means=array(m),
                               quats=array(torch.nn.functional.normalize(q, dim=-1)), **shared)
                     for m, q in zip(self.means, self.quats, strict=True)]
