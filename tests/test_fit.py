@@ -14,9 +14,8 @@ from backend.fit import FitCancelled, FitConfig, FitTarget, fit_gaussians
 from backend.fit import environment as environment_module
 from backend.fit.density import GradientStats, densify_and_prune
 from backend.fit.environment import Environment
-from backend.fit.init import plane_sweep_init, rig_up
+from backend.fit.init import plane_sweep_init
 from backend.fit.losses import nearest_neighbours, neighbour_weights, rigidity_losses
-from backend.fit.sky import sky_masks
 from backend.fit.state import FitGaussians, quat_multiply, quat_to_matrix
 from backend.gaussians import Gaussians
 from backend.render import rasterize_gaussians
@@ -150,22 +149,6 @@ def test_3d_filter_bounds_thinness_keeps_the_integral_and_is_exported():
                                rtol=1e-4)
     g.select(torch.tensor([True, False, True]))  # the filter follows its Gaussians
     torch.testing.assert_close(g.filter_var, 0.2 * footprint[[0, 2]] ** 2)
-
-
-def test_sky_masks_take_smooth_sky_coloured_pixels_above_the_horizon_only():
-    # Cameras at the target's height looking at it: the horizon is each image's middle row.
-    c2w, intr = orbit_rig(4, radius=3.0, camera_height=0.0, focal=64.0, width=64, height=64)
-    c2w, intr = torch.as_tensor(c2w).float(), torch.as_tensor(intr).float()
-    sky = torch.tensor([0.6, 0.7, 0.9])
-    images = sky[None, :, None, None].repeat(4, 1, 64, 64)
-    images[:, :, 32:] = torch.rand(4, 3, 32, 64, generator=torch.Generator().manual_seed(0))
-    images[:, :, 29:32] = sky[None, :, None, None]  # sky just above the horizon: left out
-    images[0, :, 4:12, 4:12] = torch.rand(3, 8, 8)  # a textured object against the sky
-    images[1, :, 4:12, 4:12] = 0.1  # a dark flat object against the sky
-    masks = sky_masks(images, c2w, intr, rig_up(c2w), sky)
-    assert masks[:, :28, 20:].all() and not masks[:, 31:].any()
-    assert not masks[0, 6:10, 6:10].any() and not masks[1, 4:12, 4:12].any()
-    assert masks[2, 4:12, 4:12].all()
 
 
 def test_rigidity_losses_vanish_for_a_rigid_motion_only():

@@ -42,8 +42,6 @@ class FitConfig:
     background_lr: float = 2e-2
     environment_degree: int = 2  # a learned background varies with direction (0: one colour)
     ssim_weight: float = 0.2
-    rasterize_mode: str = "classic"  # or "antialiased" (gsplat's opacity-compensated dilation)
-    sky_alpha_weight: float = 0.1  # rendered alpha on sky pixels (`backend.fit.sky`)
     opacity_weight: float = 1e-3  # mean opacity penalty: fewer floaters
     filter_variance: float = 0.2  # 3D filter (Mip-Splatting), pixels^2 at the finest input view
     min_pixel_size: float = 0.5  # splats are kept at least this many pixels wide (sigma)
@@ -74,9 +72,6 @@ class FitConfig:
         if self.views_per_step < 1 or self.init_resolution < 8 or self.init_depths < 2:
             raise ValueError("FitConfig: views_per_step >= 1, init_resolution >= 8 and "
                              "init_depths >= 2 are needed")
-        if self.rasterize_mode not in ("classic", "antialiased"):
-            raise ValueError("FitConfig.rasterize_mode must be 'classic' or 'antialiased', "
-                             f"got {self.rasterize_mode!r}")
         if self.environment_degree > 3:
             raise ValueError("FitConfig.environment_degree must be 0..3")
         if not 0 < self.init_cost_quantile <= 1 or not 0 < self.init_opacity < 1:

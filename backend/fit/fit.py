@@ -25,14 +25,13 @@ from torch import Tensor
 from backend.fit.config import FitConfig
 from backend.fit.density import GradientStats, densify_and_prune, reset_opacity
 from backend.fit.environment import Environment
-from backend.fit.init import plane_sweep_init, rig_up, top_rows
+from backend.fit.init import plane_sweep_init, top_rows
 from backend.fit.losses import (
     nearest_neighbours,
     neighbour_weights,
     photometric,
     rigidity_losses,
 )
-from backend.fit.sky import half_mask, sky_masks
 from backend.fit.state import FitGaussians
 from backend.fit.targets import FitTarget, timestep_weight
 from backend.gaussians import Gaussians
@@ -73,7 +72,6 @@ class _Fitter:
         degree = config.environment_degree if self.learn_background else 0
         self.environment = Environment.constant(start.to(device), degree)
         self.environment.coeffs.requires_grad_(self.learn_background)
-        self.sky = self._sky_masks(start) if config.sky_alpha_weight > 0 else None
         self.report = FitReport()
         self.started = time.perf_counter()
 
@@ -82,18 +80,6 @@ class _Fitter:
         """The median colour of the frames' top rows: the sky or backdrop, usually."""
         pixels = torch.cat([top_rows(t.images[t.weights > 0]) for t in self.targets])
         return pixels.median(dim=0).values
-
-    def _sky_masks(self, sky: Tensor) -> list[Tensor]:
-        """Per target, [V, T, H, W] bool: the sky pixels of every cell (`backend.fit.sky`)."""
-        up = rig_up(torch.cat([t.c2w.reshape(-1, 4, 4) for t in self.targets]))
-        masks = []
-        for target in self.targets:
-            V, T, _, H, W = target.images.shape
-            masks.append(sky_masks(target.images.reshape(V * T, 3, H, W),
-                                   target.c2w.reshape(V * T, 4, 4),
-                                   target.intrinsics.reshape(V * T, 6), up, sky
-                                   ).reshape(V, T, H, W))
-        return masks
 
     def _check(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
@@ -121,18 +107,11 @@ class _Fitter:
             target = self.targets[index]
             views = [v for i, v in cells if i == index]
             images, viewmats, Ks, w, h = target.cameras(views, t, half)
-            out = rasterize(**params, viewmats=viewmats, Ks=Ks, width=w, height=h,
-                            rasterize_mode=self.config.rasterize_mode)
+            out = rasterize(**params, viewmats=viewmats, Ks=Ks, width=w, height=h)
             rgb = out.rgb + (1 - out.alpha) * self._behind(viewmats, Ks, w, h)
             weights = target.weights[views, t]
             loss = photometric(rgb.permute(0, 3, 1, 2), images, weights,
                                self.config.ssim_weight)
-            if self.sky is not None:  # splats off the sky: the environment explains it
-                sky = self.sky[index][views, t]
-                sky = half_mask(sky, h, w) if sky.shape[-2:] != (h, w) else sky
-                on_sky = (out.alpha[..., 0] * sky).mean(dim=(1, 2))
-                loss = loss + self.config.sky_alpha_weight * (
-                    (on_sky * weights).sum() / weights.sum().clamp(min=1e-12))
             total = total + loss * weights.sum()
             weight_sum += float(weights.sum())
             floors.append(self._pixel_size(params["means"], viewmats, Ks))

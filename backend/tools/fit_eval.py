@@ -43,11 +43,11 @@ def to_tensor(frames: np.ndarray) -> torch.Tensor:  # [..., H, W, 3] uint8 -> [.
     return torch.from_numpy(np.ascontiguousarray(frames)).float().div(255).movedim(-1, -3)
 
 
-def render(g: Gaussians, c2w: np.ndarray, intr: np.ndarray, background: Environment,
-           mode: str = "classic") -> torch.Tensor:  # [C, 3, H, W]
+def render(g: Gaussians, c2w: np.ndarray, intr: np.ndarray, background: Environment
+           ) -> torch.Tensor:  # [C, 3, H, W]
     """The Gaussians over the fit's environment (what rays that miss them see)."""
     with torch.no_grad():
-        out = rasterize_gaussians(g, c2w, intr, rasterize_mode=mode)
+        out = rasterize_gaussians(g, c2w, intr)
         _C, H, W = out.rgb.shape[:3]
         behind = background.image(c2w_to_viewmat(torch.as_tensor(c2w, dtype=torch.float32)),
                                   intrinsics_to_K(torch.as_tensor(intr, dtype=torch.float32)),
