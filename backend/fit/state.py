@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from backend.cameras import c2w_to_viewmat
 from backend.gaussians import SH_C0, Gaussians
 
 SCALE_FLOOR = 1e-7
@@ -94,7 +95,7 @@ class FitGaussians:
             for t, m in enumerate(self.means):
                 if c2w[t].numel() == 0:
                     continue
-                w2c = torch.linalg.inv(c2w[t].double()).float()  # [C, 4, 4]
+                w2c = c2w_to_viewmat(c2w[t])  # [C, 4, 4]
                 cam = m.detach() @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]
                 z = cam[..., 2]  # [C, N]
                 fx, fy, cx, cy, width, height = (intrinsics[t][:, k, None] for k in range(6))

@@ -91,7 +91,6 @@ def rasterize_gaussians(
     background: Tensor | None = None,  # [3] or [C, 3]
     backend: str = "auto",
     device: str | torch.device | None = None,
-    rasterize_mode: str = "classic",
 ) -> RenderOutput:
     """Render a `Gaussians` container from wire-convention cameras sharing one image size.
 
@@ -119,5 +118,4 @@ def rasterize_gaussians(
         background = torch.as_tensor(background, device=device, dtype=dtype)
     return rasterize(tensors["means"], tensors["quats"], tensors["scales"],
                      tensors["opacities"], tensors["colors"], viewmats, Ks, width, height,
-                     near=near, far=far, background=background, backend=backend,
-                     rasterize_mode=rasterize_mode)
+                     near=near, far=far, background=background, backend=backend)
