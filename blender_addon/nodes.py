@@ -23,9 +23,16 @@ ray: with p = W (P - mu) and v = W I,
     alpha = min(opacity * exp(-(|p|^2 - (p.v)^2 / |v|^2) / 2), 0.99)
 
 which is the ray's maximum of the Gaussian, the same value as 3DGS' projected 2D Gaussian,
-zero below 1/255 and on back faces, and composites the emission with a Transparent shader
-(dithered in EEVEE, transparent bounces in Cycles). Emitting the stored values makes them
-blend as 3DGS blends them; `scene_settings` sets the Raw view transform to show them as is.
+zero below 1/255 and on back faces, and composites the emission with a Transparent shader.
+Cycles crosses the proxies in ray order (transparent bounces). For EEVEE the Gaussians are
+sorted back to front by the depth of their means from the active camera, the order 3DGS
+composites in, and drawn with the Blended render method, which blends a mesh's faces in
+index order: one sample gives the exact picture. `Sorted Blending` off, or motion blur on in
+the scene (which pairs vertices by index across subframes, so the Gaussians keep their
+identity order), uses the Dithered method instead (order-independent, grain that falls with
+the sample count). Emitting the
+stored values makes them blend as 3DGS blends them; `scene_settings` sets the Raw view
+transform to show them as is.
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ import bpy
 
 from .vendor.gaussians import SH_C0
 
-CORE_GROUP = "FourReal Gaussians v3"
-MATERIAL = "FourReal Gaussian Splat v3"
+CORE_GROUP = "FourReal Gaussians v4"
+MATERIAL = "FourReal Gaussian Splat v4"  # Blended in EEVEE
+MATERIAL_DITHERED = "FourReal Gaussian Splat v4 Dithered"
 ATTR_ROTATION = "gs_rotation"
 ATTR_LOG_SCALE = "gs_log_scale"
 ATTR_OPACITY_LOGIT = "gs_opacity_logit"
@@ -68,6 +76,8 @@ CORE_INPUTS = (
     ("Dilation", "NodeSocketFloat", 0.3),  # screen-space variance in px^2
     ("SH Degree", "NodeSocketInt", 0),
     ("Blend Stored Values", "NodeSocketBool", True),  # False: emit linearised colours
+    ("Sorted Blending", "NodeSocketBool", True),  # False: EEVEE's dithered transparency
+    ("Motion Blur", "NodeSocketBool", False),  # driven by the scene: keep identity order
 )
 
 # Real SH basis constants and terms (3DGS / gsplat convention), degree 1..3.
@@ -395,8 +405,20 @@ def _points(b: _Builder, geometry, fields):
     return _remove_attributes(b, to_points.outputs[0], RAW_ATTRIBUTES)
 
 
-def build_core_group(material: bpy.types.Material) -> bpy.types.GeometryNodeTree:
-    """The shared group: decimate (viewport), activate and dilate, then points or splats."""
+def _sort_back_to_front(b: _Builder, geometry, fields, enabled):
+    """With `enabled`, the points in decreasing depth of their means from the active camera
+    (3DGS' compositing order, back to front for blending); the proxies and realised faces
+    keep this order."""
+    sort = b.node("GeometryNodeSortElements", domain="POINT")
+    b.feed(sort.inputs["Geometry"], geometry)
+    b.feed(sort.inputs["Sort Weight"], b.mul(fields["depth"], -1.0))
+    return b.switch("GEOMETRY", enabled, geometry, sort.outputs[0])
+
+
+def build_core_group(material: bpy.types.Material,
+                     dithered: bpy.types.Material) -> bpy.types.GeometryNodeTree:
+    """The shared group: decimate (viewport), activate and dilate, sort for blending, then
+    points or splats with the blended or the dithered material."""
     tree = bpy.data.node_groups.new(CORE_GROUP, "GeometryNodeTree")
     tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
     for name, socket_type, default in CORE_INPUTS:
@@ -408,6 +430,12 @@ def build_core_group(material: bpy.types.Material) -> bpy.types.GeometryNodeTree
     args = {name: group_in.outputs[name] for name, _, _ in CORE_INPUTS}
     kept = _decimate(b, group_in.outputs["Geometry"], args["Viewport Ratio"])
     active, fields = _activations(b, kept, args)
+    # Motion blur pairs vertices by index across (sub)frames: no sorting then, dithered.
+    blending = b.node("FunctionNodeBooleanMath", operation="NIMPLY")
+    b.feed(blending.inputs[0], args["Sorted Blending"])
+    b.feed(blending.inputs[1], args["Motion Blur"])
+    blending = blending.outputs[0]
+    active = _sort_back_to_front(b, active, fields, blending)
     splats = _splats(b, active, fields, args["Splat Subdivisions"])
     points = _points(b, active, fields)
     is_viewport = b.node("GeometryNodeIsViewport").outputs[0]
@@ -415,7 +443,8 @@ def build_core_group(material: bpy.types.Material) -> bpy.types.GeometryNodeTree
     shown = b.switch("GEOMETRY", use_splats, points, splats)
     set_material = b.node("GeometryNodeSetMaterial")
     b.feed(set_material.inputs["Geometry"], shown)
-    set_material.inputs["Material"].default_value = material
+    b.feed(set_material.inputs["Material"],
+           b.switch("MATERIAL", blending, dithered, material))
     b.feed(b.node("NodeGroupOutput").inputs[0], set_material.outputs[0])
     return tree
 
@@ -423,13 +452,14 @@ def build_core_group(material: bpy.types.Material) -> bpy.types.GeometryNodeTree
 def core_group() -> bpy.types.GeometryNodeTree:
     """The core group, built on first use and shared by every imported asset."""
     tree = bpy.data.node_groups.get(CORE_GROUP)
-    return tree if tree is not None else build_core_group(splat_material())
+    return tree if tree is not None else build_core_group(splat_material(),
+                                                          splat_material(dithered=True))
 
 
 def asset_group(name: str, scene: bpy.types.Scene | None = None) -> bpy.types.GeometryNodeTree:
     """A per-asset group wrapping the core group: the asset's display settings live on its
     'Settings' node, so one edit updates every timestep object of the asset. With a scene,
-    'Render Width' follows the scene's output width through a driver."""
+    'Render Width' and 'Motion Blur' follow the scene through drivers."""
     tree = bpy.data.node_groups.new(name, "GeometryNodeTree")
     tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
     tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
@@ -438,25 +468,35 @@ def asset_group(name: str, scene: bpy.types.Scene | None = None) -> bpy.types.Ge
     b.feed(settings.inputs["Geometry"], b.node("NodeGroupInput").outputs[0])
     b.feed(b.node("NodeGroupOutput").inputs[0], settings.outputs[0])
     if scene is not None:
-        drive_render_width(tree, scene)
+        drive_scene_inputs(tree, scene)
     return tree
 
 
-def drive_render_width(tree: bpy.types.GeometryNodeTree, scene: bpy.types.Scene) -> None:
-    """Drive the 'Render Width' input by the scene's output width in pixels (a simple
-    expression: evaluated without Python, so render farms without the add-on agree)."""
-    socket = tree.nodes["Settings"].inputs["Render Width"]
-    socket.default_value = scene.render.resolution_x * scene.render.resolution_percentage / 100
+def _drive(socket, scene: bpy.types.Scene, variables: dict, expression: str) -> None:
+    """Drive `socket` by scene properties (name -> data path) through a simple expression:
+    evaluated without Python, so render farms without the add-on agree."""
     driver = socket.driver_add("default_value").driver
     driver.type = "SCRIPTED"
-    for name, path in (("width", "render.resolution_x"),
-                       ("percent", "render.resolution_percentage")):
+    for name, path in variables.items():
         var = driver.variables.new()
         var.name, var.type = name, "SINGLE_PROP"
         var.targets[0].id_type = "SCENE"
         var.targets[0].id = scene
         var.targets[0].data_path = path
-    driver.expression = "width * percent / 100"
+    driver.expression = expression
+
+
+def drive_scene_inputs(tree: bpy.types.GeometryNodeTree, scene: bpy.types.Scene) -> None:
+    """Drive 'Render Width' by the scene's output width in pixels and 'Motion Blur' by
+    whether the scene renders motion blur."""
+    inputs = tree.nodes["Settings"].inputs
+    inputs["Render Width"].default_value = (scene.render.resolution_x
+                                            * scene.render.resolution_percentage / 100)
+    _drive(inputs["Render Width"], scene, {"width": "render.resolution_x",
+                                           "percent": "render.resolution_percentage"},
+           "width * percent / 100")
+    inputs["Motion Blur"].default_value = scene.render.use_motion_blur
+    _drive(inputs["Motion Blur"], scene, {"blur": "render.use_motion_blur"}, "blur")
 
 
 # ----------------------------------------------------------------------------- material
@@ -497,8 +537,8 @@ def _ray_alpha(b: _Builder):
     return b.mul(alpha, visible)
 
 
-def build_splat_material() -> bpy.types.Material:
-    material = bpy.data.materials.new(MATERIAL)
+def build_splat_material(dithered: bool = False) -> bpy.types.Material:
+    material = bpy.data.materials.new(MATERIAL_DITHERED if dithered else MATERIAL)
     if bpy.app.version < (5, 0, 0):  # always true from 5.0 on
         material.use_nodes = True
     tree = material.node_tree
@@ -512,21 +552,26 @@ def build_splat_material() -> bpy.types.Material:
     b.feed(mix.inputs[1], b.node("ShaderNodeBsdfTransparent").outputs[0])
     b.feed(mix.inputs[2], emission.outputs[0])
     b.feed(b.node("ShaderNodeOutputMaterial").inputs["Surface"], mix.outputs[0])
-    _set_transparency(material)
+    _set_transparency(material, dithered)
     return material
 
 
-def _set_transparency(material: bpy.types.Material) -> None:
-    """Dithered (stochastic) transparency in EEVEE, on every Blender version we support."""
+def _set_transparency(material: bpy.types.Material, dithered: bool) -> None:
+    """EEVEE's transparency: blended in face order with every face drawn (the geometry is
+    sorted back to front), or dithered (stochastic), on every Blender version we support."""
     if hasattr(material, "surface_render_method"):  # EEVEE Next (4.2+)
-        material.surface_render_method = "DITHERED"
+        material.surface_render_method = "DITHERED" if dithered else "BLENDED"
     if hasattr(material, "blend_method"):
-        material.blend_method = "HASHED"
+        material.blend_method = "HASHED" if dithered else "BLEND"
+    if hasattr(material, "use_transparency_overlap"):  # 4.2+: faces of one object overlap
+        material.use_transparency_overlap = True
+    elif hasattr(material, "show_transparent_back"):
+        material.show_transparent_back = True
     if hasattr(material, "use_transparent_shadow"):
         material.use_transparent_shadow = True
     material.use_backface_culling = True  # EEVEE skips back faces; Cycles: see `_ray_alpha`
 
 
-def splat_material() -> bpy.types.Material:
-    material = bpy.data.materials.get(MATERIAL)
-    return material if material is not None else build_splat_material()
+def splat_material(dithered: bool = False) -> bpy.types.Material:
+    material = bpy.data.materials.get(MATERIAL_DITHERED if dithered else MATERIAL)
+    return material if material is not None else build_splat_material(dithered)

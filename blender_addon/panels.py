@@ -122,7 +122,8 @@ class FOURREAL_PT_result(_Panel, bpy.types.Panel):
         layout.label(text=f"{asset.name}: {len(pointcloud.asset_frames(asset))} timesteps")
         node = pointcloud.asset_group_of(asset).nodes["Settings"]
         for name in ("Viewport Splats", "Render Splats", "Viewport Ratio", "Sigma Extent",
-                     "Splat Subdivisions", "Dilation", "Blend Stored Values"):
+                     "Splat Subdivisions", "Dilation", "Blend Stored Values",
+                     "Sorted Blending"):
             layout.prop(node.inputs[name], "default_value", text=name)
         layout.separator()
         layout.label(text="Defaults for new imports:")

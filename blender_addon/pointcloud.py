@@ -51,7 +51,8 @@ class PointCloudConfig:
     dilation: float = 0.3  # screen-space variance added to every splat, px^2 (3DGS: 0.3)
     blend_stored_values: bool = True  # composite the stored (sRGB) values as 3DGS does
     transparent_bounces: int = 256  # Cycles' transparent bounce limit is raised to this
-    eevee_samples: int = 64  # EEVEE's render samples are raised to this (dithered alpha)
+    sorted_blending: bool = True  # EEVEE: sorted and blended (exact), else dithered
+    eevee_samples: int = 64  # with dithered alpha EEVEE's render samples are raised to this
 
     def check(self) -> None:
         for name in ("viewport_display", "render_display"):
@@ -114,7 +115,8 @@ _SETTING_INPUTS = (("viewport_ratio", "Viewport Ratio", _single),
                    ("sigma_extent", "Sigma Extent", _single),
                    ("splat_subdivisions", "Splat Subdivisions", int),
                    ("dilation", "Dilation", _single),
-                   ("blend_stored_values", "Blend Stored Values", bool))
+                   ("blend_stored_values", "Blend Stored Values", bool),
+                   ("sorted_blending", "Sorted Blending", bool))
 
 
 def apply_settings(asset: bpy.types.Object, config: PointCloudConfig) -> None:
@@ -140,7 +142,8 @@ def read_settings(asset: bpy.types.Object) -> PointCloudConfig:
 
 def scene_settings(scene: bpy.types.Scene, config: PointCloudConfig) -> list[str]:
     """Render settings the Gaussians need: Cycles' transparent bounces (and as many without
-    Russian roulette) and EEVEE's samples raised, and with `blend_stored_values` the Raw
+    Russian roulette), EEVEE's samples raised for dithered splats, and with
+    `blend_stored_values` the Raw
     view transform, which shows the stored colours as 3DGS does (under AgX or Standard they
     would be tone-mapped or gamma-encoded twice). Returns a line per setting changed."""
     changes = []
@@ -153,7 +156,7 @@ def scene_settings(scene: bpy.types.Scene, config: PointCloudConfig) -> list[str
                        f"{scene.cycles.min_transparent_bounces} -> {config.transparent_bounces} "
                        "(no random path termination inside the Gaussians: less noise)")
         scene.cycles.min_transparent_bounces = config.transparent_bounces
-    if scene.eevee.taa_render_samples < config.eevee_samples:
+    if not config.sorted_blending and scene.eevee.taa_render_samples < config.eevee_samples:
         changes.append(f"EEVEE render samples {scene.eevee.taa_render_samples} -> "
                        f"{config.eevee_samples}")
         scene.eevee.taa_render_samples = config.eevee_samples

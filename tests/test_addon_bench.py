@@ -20,5 +20,7 @@ def test_benchmark_writes_its_figures(tmp_path):
     assert figures["timesteps"] == 3 and figures["gaussians"] == 200
     for key in ("import_s", "frame_ms", "replay_frame_ms", "splat_frame_ms"):
         assert figures[key] > 0, key
+    assert set(figures["render_s"]) == {"CYCLES", "BLENDER_EEVEE"}
+    assert all(seconds > 0 for seconds in figures["render_s"].values())
     with pytest.raises(SystemExit):
         bench.main(["--timesteps", "0"])

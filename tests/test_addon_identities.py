@@ -66,6 +66,9 @@ def test_identity_results_import_as_one_object_that_follows_each_frame():
     steps = persistent_arrays(3, 60, seed=1)
     root = workflows.import_results(scene, job_record(steps, True), "Fitted", UNDILATED)
     assert root[pointcloud.LAYOUT_PROP] == "PERSISTENT"
+    # With motion blur on, the Gaussians keep their identity order (no sorting for EEVEE's
+    # blending): the order motion blur pairs vertices by.
+    scene.render.use_motion_blur = True
     (obj,) = root.children
     assert pointcloud.timestep_objects(root) == [] and pointcloud.asset_frames(root) == [1, 2, 3]
     stored = set(obj.data.attributes.keys())
@@ -92,6 +95,29 @@ def test_identity_results_import_as_one_object_that_follows_each_frame():
         _, points = evaluated_points(scene, frame)
         np.testing.assert_allclose(attribute(points, "position", 3), steps[t]["means"],
                                    atol=1e-6)
+
+
+def test_without_motion_blur_the_gaussians_are_drawn_back_to_front_for_the_active_camera():
+    """EEVEE blends a mesh's faces in index order: without motion blur the evaluated points
+    are the Gaussians sorted by decreasing depth of their means from the active camera."""
+    scene = empty_scene()
+    scene.camera = add_camera(scene, "View", location=(0.5, -4.0, 1.0),
+                              rotation=(math.radians(80), 0.0, math.radians(5)))
+    steps = persistent_arrays(2, 200, seed=3)
+    workflows.import_results(scene, job_record(steps, True), "Fitted", UNDILATED)
+    bpy.context.view_layer.update()
+    view = np.array(scene.camera.matrix_world.to_3x3().col[2]) * -1.0
+    for frame, step in ((1, steps[0]), (2, steps[1])):
+        _, points = evaluated_points(scene, frame)
+        shown = attribute(points, "position", 3)
+        depth = (shown - np.array(scene.camera.location)) @ view
+        assert np.all(np.diff(depth) <= 1e-5), "back to front"
+        assert not np.allclose(shown, step["means"]), "the identity order is not depth order"
+        np.testing.assert_allclose(shown[np.lexsort(shown.T)],
+                                   step["means"][np.lexsort(step["means"].T)], atol=1e-6)
+    scene.render.use_motion_blur = True  # the driver switches sorting off
+    _, points = evaluated_points(scene, 1)
+    np.testing.assert_allclose(attribute(points, "position", 3), steps[0]["means"], atol=1e-6)
 
 
 def test_sequences_without_identities_keep_one_object_per_timestep(tmp_path):

@@ -18,8 +18,11 @@ gaussians_mod = addon_module("vendor.gaussians")
 Gaussians = gaussians_mod.Gaussians
 
 
-POINTS = pointcloud.PointCloudConfig(viewport_display="POINTS")
-UNDILATED = pointcloud.PointCloudConfig(viewport_display="POINTS", dilation=0.0)
+# The configs here keep identity order (no sorting for EEVEE's blending), so attributes
+# compare row by row; the depth order is tested in test_addon_identities.py.
+POINTS = pointcloud.PointCloudConfig(viewport_display="POINTS", sorted_blending=False)
+UNDILATED = pointcloud.PointCloudConfig(viewport_display="POINTS", dilation=0.0,
+                                        sorted_blending=False)
 
 
 def quat_matrices(quats: np.ndarray) -> np.ndarray:
@@ -180,7 +183,8 @@ def test_splats_are_camera_facing_quads_bounding_each_gaussian():
     arrays = gaussian_sequence_arrays(1, 40, seed=5)[0]
     arrays["quats"] *= 3.0  # unnormalised on purpose
     g = Gaussians.from_arrays(arrays)
-    pointcloud.build_asset(scene, "Splats", [g], [1])
+    pointcloud.build_asset(scene, "Splats", [g], [1],
+                           pointcloud.PointCloudConfig(sorted_blending=False))
     (_, mesh), = visible_geometry(scene, 1)
     corners = attribute(mesh, "position", 3).reshape(40, 4, 3)
     assert np.ptp(corners[:, :, 1], axis=1).max() < 1e-5, "quads face the camera (along +Y)"
@@ -204,7 +208,8 @@ def test_splats_are_camera_facing_quads_bounding_each_gaussian():
 def test_ico_sphere_proxies_hold_the_ellipsoid():
     scene = camera_scene()
     g = Gaussians.from_arrays(gaussian_sequence_arrays(1, 30, seed=9)[0])
-    config = pointcloud.PointCloudConfig(splat_subdivisions=1, sigma_extent=2.5)
+    config = pointcloud.PointCloudConfig(splat_subdivisions=1, sigma_extent=2.5,
+                                         sorted_blending=False)
     pointcloud.build_asset(scene, "Spheres", [g], [1], config)
     (_, mesh), = visible_geometry(scene, 1)
     corners = attribute(mesh, "position", 3).reshape(30, 12, 3)
