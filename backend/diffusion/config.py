@@ -28,6 +28,9 @@ class DiffusionConfig:
     frames - with reference conditioning as a correction of the nearest reference, so a
     fresh model starts at the copy baseline - and the model still returns the velocity
     (x - x0) / s; its training loss is then the plain x0 error (see `rectified_flow_loss`).
+    `cache_conditioning` adds a per-cell input: the given frames of the cell's timestep
+    unprojected with depth and rendered into its camera (`backend.diffusion.cache`), colour
+    and coverage, so the network corrects a warped guess (as GEN3C / ViewCrafter).
     """
 
     in_channels: int = 3
@@ -49,6 +52,7 @@ class DiffusionConfig:
     trained_grid: tuple[int, int] = (0, 0)
     reference_conditioning: bool = False
     prediction: str = "velocity"  # what the network outputs: "velocity" or "x0"
+    cache_conditioning: bool = False  # each cell also gets a render of the given frames' 3D cache
 
     def __post_init__(self) -> None:
         self.image_size = tuple(self.image_size)

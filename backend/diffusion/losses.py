@@ -46,12 +46,19 @@ def sample_diffusion_time(batch: int, distribution: str = "logit_normal",
     return s.to(device)
 
 
-def masked_cell_mse(prediction: Tensor, target: Tensor, cell_mask: Tensor) -> Tensor:
+def masked_cell_mse(prediction: Tensor, target: Tensor, cell_mask: Tensor,
+                    pixel_weight: Tensor | None = None) -> Tensor:
     """MSE over the cells where cell_mask is False.
 
-    prediction, target: [B, V, T, C, H, W]; cell_mask: [B, V, T] bool (True = given).
+    prediction, target: [B, V, T, C, H, W]; cell_mask: [B, V, T] bool (True = given);
+    pixel_weight: [B, V, T, 1, H, W] positive weights of a weighted mean within each cell.
     """
-    per_cell = (prediction.float() - target.float()).square().mean(dim=(3, 4, 5))  # [B, V, T]
+    error = (prediction.float() - target.float()).square()
+    if pixel_weight is None:
+        per_cell = error.mean(dim=(3, 4, 5))  # [B, V, T]
+    else:
+        weight = pixel_weight.float().expand_as(error)
+        per_cell = (error * weight).sum(dim=(3, 4, 5)) / weight.sum(dim=(3, 4, 5))
     weight = (~cell_mask).float()  # [B, V, T]
     if weight.sum() == 0:
         raise ValueError("cell_mask marks every cell as given: no cell to train on")
@@ -63,7 +70,8 @@ def rectified_flow_loss(model: nn.Module, z: Tensor, cell_mask: Tensor,
                         s: Tensor | None = None, context: Tensor | None = None,
                         time_distribution: str = "logit_normal",
                         cfg_dropout: float | None = None, time_shift: float = 1.0,
-                        terminal_fraction: float = 0.0) -> Tensor:
+                        terminal_fraction: float = 0.0, cache: Tensor | None = None,
+                        pixel_weight: Tensor | None = None) -> Tensor:
     """Rectified-flow loss of `model` on clean grids z.
 
     z: [B, V, T, C, H, W] clean frames (also the given frames where cell_mask is True);
@@ -71,7 +79,8 @@ def rectified_flow_loss(model: nn.Module, z: Tensor, cell_mask: Tensor,
     from `time_distribution` (with `time_shift` and `terminal_fraction`, see
     `sample_diffusion_time`) when None; context: [B, L, Dc].
     cfg_dropout: probability of the unconditional branch per sample while model.training;
-    None reads `model.config.cfg_dropout`.
+    None reads `model.config.cfg_dropout`. cache: [B, V, T, C + 1, H, W] for cache-conditioned
+    models; pixel_weight: [B, V, T, 1, H, W] weights of the error within each cell.
     """
     if z.ndim != 6:
         raise ValueError(f"z must be [B, V, T, C, H, W], got shape {tuple(z.shape)}")
@@ -95,8 +104,9 @@ def rectified_flow_loss(model: nn.Module, z: Tensor, cell_mask: Tensor,
     if model.training and cfg_dropout > 0:
         draw = torch.rand(B, generator=generator, device=gen_device).to(z.device)
         drop = draw < cfg_dropout  # [B]
+    extra = {} if cache is None else {"cache": cache}
     prediction = model(x_s, s, z, cell_mask, rays=rays, context=context,
-                       drop_conditioning=drop)
+                       drop_conditioning=drop, **extra)
     config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps models
     if getattr(config, "prediction", "velocity") == "x0":
         # the model returns (x_s - x0) / max(s, X0_MIN_TIME): undo the division and compare
@@ -104,5 +114,5 @@ def rectified_flow_loss(model: nn.Module, z: Tensor, cell_mask: Tensor,
         from backend.diffusion.model import X0_MIN_TIME
 
         weight = s.clamp(min=X0_MIN_TIME).to(prediction.dtype).reshape(B, 1, 1, 1, 1, 1)
-        return masked_cell_mse(prediction * weight, x_s - z, cell_mask)
-    return masked_cell_mse(prediction, eps - z, cell_mask)
+        return masked_cell_mse(prediction * weight, x_s - z, cell_mask, pixel_weight)
+    return masked_cell_mse(prediction, eps - z, cell_mask, pixel_weight)

@@ -25,6 +25,7 @@ from backend.diffusion.attention import (
     time_attention,
     view_attention,
 )
+from backend.diffusion.cache import CACHE_CHANNELS_EXTRA
 from backend.diffusion.config import DiffusionConfig
 from backend.diffusion.rope import apply_rope, rope_3d_angles
 
@@ -245,6 +246,8 @@ class VideoDiT(PretrainedModel):
         if config.reference_conditioning:
             self.ref_embed = nn.Linear(2 * C * p * p, D)
             self.ref_embedding = nn.Parameter(torch.zeros(D))
+        if config.cache_conditioning:
+            self.cache_embed = nn.Linear((C + CACHE_CHANNELS_EXTRA) * p * p, D)
         self.blocks = nn.ModuleList(VideoDiTBlock(config) for _ in range(config.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaln_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
@@ -283,7 +286,8 @@ class VideoDiT(PretrainedModel):
             nn.init.normal_(self.ref_embedding, std=0.02)
 
     def _check_inputs(self, x: Tensor, s: Tensor, cond_frames: Tensor, cell_mask: Tensor,
-                      rays: Tensor | None, context: Tensor | None) -> None:
+                      rays: Tensor | None, context: Tensor | None,
+                      cache: Tensor | None = None) -> None:
         cfg = self.config
         if x.ndim != 6:
             raise ValueError(f"x must be [B, V, T, C, H, W], got shape {tuple(x.shape)}")
@@ -309,6 +313,14 @@ class VideoDiT(PretrainedModel):
         if rays is not None and tuple(rays.shape) != (B, V, T, RAY_CHANNELS, H, W):
             raise ValueError(f"rays must have shape {(B, V, T, RAY_CHANNELS, H, W)}, got "
                              f"{tuple(rays.shape)}")
+        if cfg.cache_conditioning != (cache is not None):
+            raise ValueError("a 3D cache render (cache=) is required by this model"
+                             if cfg.cache_conditioning
+                             else "this model was built without cache conditioning; pass "
+                             "cache=None")
+        cache_shape = (B, V, T, C + CACHE_CHANNELS_EXTRA, H, W)
+        if cache is not None and tuple(cache.shape) != cache_shape:
+            raise ValueError(f"cache must have shape {cache_shape}, got {tuple(cache.shape)}")
         if cfg.cross_attention != (context is not None):
             raise ValueError("context is required by this model" if cfg.cross_attention
                              else "this model has no cross-attention; pass context=None")
@@ -333,11 +345,14 @@ class VideoDiT(PretrainedModel):
 
     def forward(self, x: Tensor, s: Tensor, cond_frames: Tensor, cell_mask: Tensor,
                 rays: Tensor | None = None, context: Tensor | None = None,
-                drop_conditioning: Tensor | bool | None = None) -> Tensor:
+                drop_conditioning: Tensor | bool | None = None,
+                cache: Tensor | None = None) -> Tensor:
         """Predict the velocity `eps - z` for the noisy grid x at diffusion time s.
 
         x, cond_frames: [B, V, T, C, H, W]; s: [B] in [0, 1]; cell_mask: [B, V, T] bool
-        (True = given); rays: [B, V, T, 6, H, W]; context: [B, L, Dc].
+        (True = given); rays: [B, V, T, 6, H, W]; context: [B, L, Dc]; cache: [B, V, T,
+        C + 1, H, W] the 3D cache rendered into every cell (`render_cache`), for models with
+        `cache_conditioning`.
         drop_conditioning: True or [B] bool - the unconditional branch of classifier-free
         guidance: given frames and context are replaced by null values, while which cells
         are given stays visible. Returns [B, V, T, C, H, W].
@@ -347,7 +362,7 @@ class VideoDiT(PretrainedModel):
         as the reference plus a correction) and the velocity returned is (x - x0) / s, s
         clamped at `X0_MIN_TIME`: a fresh model's estimate is the reference itself.
         """
-        self._check_inputs(x, s, cond_frames, cell_mask, rays, context)
+        self._check_inputs(x, s, cond_frames, cell_mask, rays, context, cache)
         cfg = self.config
         B, V, T, _, H, W = x.shape  # x: [B, V, T, C, H, W]
         drop = torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -367,6 +382,9 @@ class VideoDiT(PretrainedModel):
                 + torch.where(flag, self.ref_embedding, 0.0)
         if rays is not None:
             tokens = tokens + self.ray_embed(patchify(rays.to(tokens.dtype), cfg.patch_size))
+        if cache is not None:  # the cache is made of given frames: null branch sees none
+            cache = torch.where(drop[:, None, None, None, None, None], 0.0, cache)
+            tokens = tokens + self.cache_embed(patchify(cache.to(tokens.dtype), cfg.patch_size))
         if context is not None:
             context = torch.where(drop[:, None, None], 0.0, context)
         time_emb = self.time_embed(timestep_embedding(s, TIME_FREQUENCIES).to(tokens.dtype))

@@ -45,18 +45,22 @@ class EulerSampler:
         return s.float()
 
     def _velocity(self, model: nn.Module, x: Tensor, s: Tensor, cond_frames: Tensor,
-                  cell_mask: Tensor, rays: Tensor | None, context: Tensor | None) -> Tensor:
+                  cell_mask: Tensor, rays: Tensor | None, context: Tensor | None,
+                  cache: Tensor | None = None) -> Tensor:
         """Guided velocity. x, cond_frames: [B, V, T, C, H, W]; s: [B]; cell_mask: [B, V, T]."""
+        extra = {} if cache is None else {"cache": cache}
         if self.guidance == 1.0:
-            return model(x, s, cond_frames, cell_mask, rays=rays, context=context)
+            return model(x, s, cond_frames, cell_mask, rays=rays, context=context, **extra)
         B = x.shape[0]
 
         def twice(t: Tensor | None) -> Tensor | None:
             return None if t is None else torch.cat([t, t], dim=0)
 
         drop = torch.arange(2 * B, device=x.device) >= B  # [2B]: second half unconditional
+        if cache is not None:
+            extra = {"cache": twice(cache)}
         both = model(twice(x), twice(s), twice(cond_frames), twice(cell_mask),
-                     rays=twice(rays), context=twice(context), drop_conditioning=drop)
+                     rays=twice(rays), context=twice(context), drop_conditioning=drop, **extra)
         cond, uncond = both[:B], both[B:]  # each [B, V, T, C, H, W]
         return uncond + self.guidance * (cond - uncond)
 
@@ -65,9 +69,11 @@ class EulerSampler:
                rays: Tensor | None = None, context: Tensor | None = None,
                generator: torch.Generator | None = None,
                progress: Callable[[int, int], None] | None = None,
-               should_cancel: Callable[[], bool] | None = None) -> Tensor:
+               should_cancel: Callable[[], bool] | None = None,
+               cache: Tensor | None = None) -> Tensor:
         """Fill the grid. cond_frames: [B, V, T, C, H, W] (read only where cell_mask is
-        True); cell_mask: [B, V, T] bool; rays: [B, V, T, 6, H, W]; context: [B, L, Dc].
+        True); cell_mask: [B, V, T] bool; rays: [B, V, T, 6, H, W]; context: [B, L, Dc];
+        cache: [B, V, T, C + 1, H, W] for cache-conditioned models.
 
         progress(step, steps) is called after every step (step counts from 1);
         should_cancel() is checked before every step. Returns [B, V, T, C, H, W] with
@@ -92,7 +98,7 @@ class EulerSampler:
             s, s_next = times[step], times[step + 1]
             x = torch.where(given, (1 - s) * cond_frames + s * eps, x)
             velocity = self._velocity(model, x, s.expand(B), cond_frames, cell_mask, rays,
-                                      context)
+                                      context, cache)
             x = x - (s - s_next) * velocity
             if progress is not None:
                 progress(step + 1, self.steps)

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=N -m backend.train diffusion ...
     python -m backend.train eval diffusion|recon --weights DIR [--output-dir DIR] [...]
     python -m backend.train eval all --diffusion-weights DIR --recon-weights DIR [...]
-    python -m backend.train ablation attention|recon [--config ...] [--steps N] [...]
+    python -m backend.train ablation attention|recipe|recon [--variants a,b] [--config ...]
     python -m backend.train export --weights DIR --output DIR [--dtype float16]
 
 `--config` takes a JSON object (inline or a file) with any fields of the trainer config;
@@ -64,7 +64,9 @@ def make_parser() -> argparse.ArgumentParser:
                         default="float16")
     ablation = commands.add_parser("ablation", help="train and evaluate the paper's ablation "
                                    "variants with one budget")
-    ablation.add_argument("name", choices=("attention", "recon"))
+    ablation.add_argument("name", choices=("attention", "recipe", "recon"))
+    ablation.add_argument("--variants", help="comma-separated variants to run (default: all); "
+                          "rows of variants run earlier into the same folder stay in the table")
     ablation.add_argument("--eval-config", help="JSON object for the evaluation (EvalConfig)")
     _add_flags(ablation, TRAIN_FLAGS)
     return parser
@@ -88,7 +90,9 @@ def ablation_command(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     output_dir = flags.pop("output_dir", None) or f"out/ablation/{args.name}"
     eval_config = build_config(EvalConfig, args.eval_config, [], {})
-    table = run_ablation(args.name, args.config, args.set, flags, output_dir, eval_config)
+    variants = args.variants.split(",") if args.variants else None
+    table = run_ablation(args.name, args.config, args.set, flags, output_dir, eval_config,
+                         variants)
     print(markdown_table(table["rows"]))
     return 0
 

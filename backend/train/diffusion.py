@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from backend.cameras import plucker_rays
 from backend.data import DataConfig
+from backend.diffusion.cache import render_cache
 from backend.diffusion.config import DiffusionConfig
 from backend.diffusion.losses import TIME_DISTRIBUTIONS, rectified_flow_loss
 from backend.diffusion.model import VideoDiT
@@ -50,6 +51,10 @@ class DiffusionTrainConfig(TrainLoopConfig):
     The model's `image_size` is the data's frame size. `mask_weights` are the relative
     frequencies of the mask policies; "random" gives each cell with probability
     `random_given_fraction` (at least one cell given and one generated).
+    `changed_pixel_weight` w > 0 weights each pixel whose colour differs from its view's
+    first frame by more than `changed_pixel_threshold` (any channel, in [0, 1] units) by
+    1 + w within its cell: the loss then pays for what moves, not only for the backdrop
+    that a copy of the first frame already gets right.
     """
 
     preset: str = "tiny"
@@ -61,6 +66,8 @@ class DiffusionTrainConfig(TrainLoopConfig):
     time_shift: float = 1.0
     terminal_fraction: float = 0.0
     gradient_checkpointing: bool = False
+    changed_pixel_weight: float = 0.0
+    changed_pixel_threshold: float = 0.05
     output_dir: str = "out/train/diffusion"
 
     def __post_init__(self) -> None:
@@ -81,6 +88,10 @@ class DiffusionTrainConfig(TrainLoopConfig):
             raise ValueError(f"DiffusionTrainConfig: time_shift must be > 0 and "
                              f"terminal_fraction in [0, 1], got {self.time_shift} and "
                              f"{self.terminal_fraction}")
+        if self.changed_pixel_weight < 0 or not 0 < self.changed_pixel_threshold < 1:
+            raise ValueError(f"DiffusionTrainConfig: changed_pixel_weight must be >= 0 and "
+                             f"changed_pixel_threshold in (0, 1), got "
+                             f"{self.changed_pixel_weight} and {self.changed_pixel_threshold}")
         if self.data.num_views < 2 or self.data.num_steps < 2:
             raise ValueError("DiffusionTrainConfig.data: the mask settings need at least 2 "
                              "views and 2 timesteps")
@@ -138,6 +149,22 @@ def grid_rays(
     return torch.where(geometry_valid.reshape(-1, 1, 1, 1, 1, 1), rays, 0.0)
 
 
+def changed_pixel_weights(frames: Tensor, weight: float, threshold: float
+                          ) -> Tensor:  # [B, V, T, 1, H, W]
+    """1 + weight where a pixel differs from the same view's first frame by more than
+    `threshold` in any channel, else 1. frames: [B, V, T, 3, H, W] in [0, 1]."""
+    changed = (frames - frames[:, :, :1]).abs().amax(dim=3, keepdim=True) > threshold
+    return 1.0 + weight * changed.to(frames.dtype)
+
+
+def cache_for_batch(z: Tensor, batch: dict[str, Tensor], cell_mask: Tensor) -> Tensor:
+    """The 3D cache of the given cells rendered into every cell (`render_cache`), from the
+    samples' depth; zero for samples whose depth or rig does not describe the frames."""
+    cache = render_cache(z, batch["depth"], batch["c2w"], batch["intrinsics"], cell_mask)
+    usable = batch["geometry_valid"].bool() & batch["has_depth"].bool()
+    return torch.where(usable.reshape(-1, 1, 1, 1, 1, 1), cache, 0.0)
+
+
 def diffusion_loss(model: nn.Module, batch: dict[str, Tensor], step: int,
                    config: DiffusionTrainConfig, rank: int
                    ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -154,11 +181,17 @@ def diffusion_loss(model: nn.Module, batch: dict[str, Tensor], step: int,
     if model_config.use_camera_rays:
         rays = grid_rays(batch["c2w"], batch["intrinsics"], batch["geometry_valid"], H, W)
     z = frames * 2.0 - 1.0
+    cache = cache_for_batch(z, batch, cell_mask) if model_config.cache_conditioning else None
+    pixel_weight = None
+    if config.changed_pixel_weight > 0:
+        pixel_weight = changed_pixel_weights(frames, config.changed_pixel_weight,
+                                             config.changed_pixel_threshold)
     loss = rectified_flow_loss(model, z, cell_mask, rays=rays, generator=generator,
                                time_distribution=config.time_distribution,
                                time_shift=config.time_shift,
                                terminal_fraction=config.terminal_fraction,
-                               cfg_dropout=model_config.cfg_dropout)
+                               cfg_dropout=model_config.cfg_dropout, cache=cache,
+                               pixel_weight=pixel_weight)
     return loss, {"given_fraction": cell_mask.float().mean()}
 
 

@@ -32,7 +32,7 @@ from backend.devices import resolve_device
 from backend.diffusion.model import VideoDiT
 from backend.diffusion.sampler import EulerSampler
 from backend.recon import ReconModel, render_gaussian_batch, ssim
-from backend.train.diffusion import grid_rays
+from backend.train.diffusion import cache_for_batch, grid_rays
 
 HELD_OUT_START = 1_000_000_000
 SETTINGS = ("row_and_column", "row_only")
@@ -182,7 +182,13 @@ def generate_setting(model: VideoDiT, samples: list[Sample], setting: str,
         seed = np.random.SeedSequence([config.seed, SETTINGS.index(setting), first])
         generator.manual_seed(int(seed.generate_state(1)[0]))
         cell_mask = mask.to(device).expand(len(chunk), V, T)
-        grid = sampler.sample(model, frames * 2 - 1, cell_mask, rays=rays, generator=generator)
+        cache = None
+        if model.config.cache_conditioning:
+            batch = {name: torch.stack([s.to_tensors()[name] for s in chunk]).to(device)
+                     for name in ("depth", "c2w", "intrinsics", "geometry_valid", "has_depth")}
+            cache = cache_for_batch(frames * 2 - 1, batch, cell_mask)
+        grid = sampler.sample(model, frames * 2 - 1, cell_mask, rays=rays, generator=generator,
+                              cache=cache)
         outputs.append(((grid + 1) / 2).clamp(0, 1).cpu())
     return torch.cat(outputs), mask
 
