@@ -1,7 +1,8 @@
 """The product's main path: an input video and a camera rig -> a V x T grid -> Gaussians.
 
     video (row 0) [+ freeze-time column] + rig
-      -> resize to the diffusion model's frame size (intrinsics scaled to match)
+      -> the largest centred crop of the model's aspect ratio, resized to the diffusion
+         model's frame size (intrinsics cropped and scaled to match: pixels stay square)
       -> rig normalised to the scale the models were trained at
       -> diffusion sampling fills the grid (progress per step, cancellable)
       -> the grid resized to the reconstruction model's frame size
@@ -69,6 +70,43 @@ def resize_frames(frames: Tensor, size: tuple[int, int]) -> Tensor:
     out = F.interpolate(flat, size=tuple(size), mode="bilinear", antialias=True,
                         align_corners=False).clamp(0.0, 1.0)
     return out.reshape(*frames.shape[:-2], *size)
+
+
+def model_crop(height: int, width: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width): the largest box centred in a `height` x `width`
+    frame with the aspect ratio of `size` (h, w), so resizing it to `size` keeps pixels
+    square. A frame of that aspect already is its own box."""
+    h, w = size
+    if width * h > height * w:  # wider than the model: keep the full height
+        crop_h, crop_w = height, max(1, min(width, round(height * w / h)))
+    else:
+        crop_h, crop_w = max(1, min(height, round(width * h / w))), width
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def crop_intrinsics(intrinsics: np.ndarray, box: tuple[int, int, int, int], height: int,
+                    width: int) -> np.ndarray:
+    """Intrinsics [..., 6] of the crop `box` (in pixels of a `height` x `width` frame), in the
+    intrinsics' own units (their width/height may differ from the frame's, same aspect)."""
+    top, left, crop_h, crop_w = box
+    intr = np.array(intrinsics, dtype=np.float64)
+    sx, sy = intr[..., 4] / width, intr[..., 5] / height
+    intr[..., 2] -= left * sx
+    intr[..., 3] -= top * sy
+    intr[..., 4], intr[..., 5] = crop_w * sx, crop_h * sy
+    return intr
+
+
+def model_frames(frames: np.ndarray, intrinsics: np.ndarray, size: tuple[int, int]
+                 ) -> tuple[Tensor, np.ndarray]:
+    """Frames [..., H, W, 3] as a model sees them: the centred crop of the model's aspect
+    (`model_crop`) resized to `size` -> ([..., 3, h, w] in [0, 1], the crop's intrinsics
+    [..., 6] in the input's units)."""
+    H, W = np.asarray(frames).shape[-3:-1]
+    box = model_crop(H, W, size)
+    top, left, crop_h, crop_w = box
+    cropped = np.asarray(frames)[..., top:top + crop_h, left:left + crop_w, :]
+    return frames_to_tensor(cropped, size), crop_intrinsics(intrinsics, box, H, W)
 
 
 def tensor_to_uint8(frames: Tensor) -> np.ndarray:  # [..., 3, h, w] in [0, 1] -> [..., h, w, 3]
@@ -201,9 +239,11 @@ def generate_grid(
     settings: GenerateSettings,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
-) -> tuple[Tensor, Tensor]:  # grid [V, T, 3, h, w] in [0, 1], given mask [V, T]
+) -> tuple[Tensor, Tensor, np.ndarray]:
     """Fill the grid with the diffusion model at its own frame size, in windows of the
-    trained grid size when the grid is larger (see `grid_windows`)."""
+    trained grid size when the grid is larger (see `grid_windows`). Input frames of another
+    aspect ratio are cropped to the model's (`model_frames`). Returns the grid [V, T, 3, h, w]
+    in [0, 1], the given mask [V, T] and the grid's intrinsics [V, T, 6] (at h x w)."""
     from backend.cameras import plucker_rays
     from backend.diffusion.sampler import EulerSampler
 
@@ -212,12 +252,12 @@ def generate_grid(
     device = next(diffusion.parameters()).device
     grid = torch.zeros(V, T, 3, h, w)
     known = torch.zeros(V, T, dtype=torch.bool)  # cells holding input frames
-    grid[0] = frames_to_tensor(video, (h, w))
+    grid[0], intr = model_frames(video, intrinsics, (h, w))
     known[0] = True
     if freeze is not None:  # cell (0, 0) keeps the video's first frame
-        grid[1:, 0] = frames_to_tensor(freeze[1:], (h, w))
+        grid[1:, 0] = model_frames(freeze[1:], intrinsics[1:, 0], (h, w))[0]
         known[:, 0] = True
-    intr = scale_intrinsics(np.asarray(intrinsics, dtype=np.float64), w, h)
+    intr = scale_intrinsics(intr, w, h)
     c2w32 = torch.as_tensor(c2w, dtype=torch.float32)
     intr32 = torch.as_tensor(intr, dtype=torch.float32)
     sampler = EulerSampler(steps=settings.steps, guidance=settings.guidance,
@@ -247,21 +287,26 @@ def generate_grid(
         keep = filled[index]
         grid[index] = torch.where(keep[..., None, None, None], grid[index], out)
         filled[index] = True
-    return grid, known
+    return grid, known, intr
 
 
 def reconstruct_grid(
     recon,
     grid: Tensor,  # [V, T, 3, h, w] in [0, 1]
     c2w: np.ndarray,  # [V, T, 4, 4] normalised
-    intrinsics: np.ndarray,  # [V, T, 6] of any resolution (rescaled here)
+    intrinsics: np.ndarray,  # [V, T, 6] of the grid's frames, any resolution (rescaled here)
     settings: GenerateSettings,
     progress: Progress | None = None,
 ) -> GaussianSequence:  # in the normalised frame
-    """Gaussians per timestep from a full grid by the feed-forward reconstruction model."""
+    """Gaussians per timestep from a full grid by the feed-forward reconstruction model; a
+    grid of another aspect ratio than the model's is cropped to it (`model_crop`)."""
     h, w = recon.config.image_size
-    frames = resize_frames(grid, (h, w))
-    intr = scale_intrinsics(np.asarray(intrinsics, dtype=np.float64), w, h)
+    H, W = grid.shape[-2:]
+    box = model_crop(H, W, (h, w))
+    top, left, crop_h, crop_w = box
+    frames = resize_frames(grid[..., top:top + crop_h, left:left + crop_w], (h, w))
+    intr = crop_intrinsics(intrinsics, box, H, W)
+    intr = scale_intrinsics(intr, w, h)
     c2w32 = torch.as_tensor(c2w, dtype=torch.float32)
     intr32 = torch.as_tensor(intr, dtype=torch.float32)
     if progress is not None:
@@ -275,11 +320,13 @@ def reconstruct_grid(
 
 @dataclass
 class FitCells:
-    """Frames for the fitting stage: images [V, T, H, W, 3] uint8 (or float [0, 1]) at one
-    resolution with a weight per cell [V, T] (0: not fitted)."""
+    """Frames for the fitting stage: images [V, T, H, W, 3] uint8 (or float [V, T, 3, H, W]
+    in [0, 1]) at one resolution with a weight per cell [V, T] (0: not fitted), and their
+    intrinsics [V, T, 6] when they differ from the rig's (a model's crop)."""
 
     images: np.ndarray | Tensor
     weights: np.ndarray
+    intrinsics: np.ndarray | None = None
 
 
 def fit_size(height: int, width: int, longest: int) -> tuple[int, int]:
@@ -312,8 +359,9 @@ def fit_cells(
         else:
             H, W = images.shape[-3:-1]
             frames = frames_to_tensor(images, fit_size(H, W, settings.fit_resolution))
+        own = intrinsics if group.intrinsics is None else group.intrinsics
         targets.append(FitTarget(frames, torch.as_tensor(c2w, dtype=torch.float32),
-                                 torch.as_tensor(intrinsics, dtype=torch.float32),
+                                 torch.as_tensor(np.asarray(own), dtype=torch.float32),
                                  torch.as_tensor(group.weights, dtype=torch.float32)))
     config = FitConfig.preset(settings.fit, seed=int(settings.seed) % 2**63,
                               max_seconds=settings.fit_seconds)

@@ -97,6 +97,29 @@ def test_frames_to_tensor_resizes_and_keeps_colours():
     assert (back[..., 0] == 10).all() and (back[..., 2] == 200).all()
 
 
+@pytest.mark.parametrize(("height", "width"), [(24, 40), (40, 24), (32, 32), (33, 50)])
+def test_model_frames_crop_to_the_models_aspect_and_follow_the_intrinsics(height, width):
+    """A frame of another aspect is cropped (centred, largest box), never squashed; a world
+    point lands on the same content in the crop as in the frame."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (2, height, width, 3), dtype=np.uint8)
+    intr = np.array([[30.0, 30.0, width / 2 + 1.5, height / 2 - 2.0, width, height]] * 2)
+    model, model_intr = pipeline.model_frames(frames, intr, (8, 8))
+    assert model.shape == (2, 3, 8, 8)
+    top, left, crop_h, crop_w = pipeline.model_crop(height, width, (8, 8))
+    assert crop_h == crop_w == min(height, width)
+    assert (top, left) == ((height - crop_h) // 2, (width - crop_w) // 2)
+    np.testing.assert_allclose(model_intr[:, 4:], [[crop_w, crop_h]] * 2)
+    np.testing.assert_allclose(model_intr[:, 2:4], intr[:, 2:4] - [left, top])
+    expected = pipeline.frames_to_tensor(frames[:, top:top + crop_h, left:left + crop_w], (8, 8))
+    assert torch.equal(model, expected)
+    # intrinsics given at another resolution than the frames (same aspect): crop in theirs
+    doubled = intr * [1, 1, 2, 2, 2, 2] * [2, 2, 1, 1, 1, 1]
+    _, doubled_crop = pipeline.model_frames(frames, doubled, (8, 8))
+    np.testing.assert_allclose(doubled_crop, model_intr * 2)
+    assert pipeline.model_crop(16, 32, (8, 16)) == (0, 0, 16, 32)  # already the aspect
+
+
 def test_grid_preview_tiles_views_side_by_side():
     grid = np.zeros((3, 2, 4, 5, 3), dtype=np.uint8)
     grid[1, 1] = 255
@@ -159,10 +182,11 @@ def test_a_grid_larger_than_a_window_keeps_inputs_and_fills_every_cell(weights_d
     video = rng.integers(0, 255, (T, SIZE, SIZE, 3), dtype=np.uint8)
     freeze = rng.integers(0, 255, (V, SIZE, SIZE, 3), dtype=np.uint8)
     events = []
-    grid, known = pipeline.generate_grid(
+    grid, known, grid_intr = pipeline.generate_grid(
         diffusion, video, pipeline.rig_frame(c2w).to_normalised(c2w), intr, freeze,
         pipeline.GenerateSettings(steps=2), lambda *e: events.append(e))
     assert grid.shape == (V, T, 3, SIZE, SIZE)
+    np.testing.assert_allclose(grid_intr, intr, rtol=1e-6)  # square in, square model
     assert known[0].all() and known[:, 0].all() and not known[1:, 1:].any()
     np.testing.assert_array_equal(pipeline.tensor_to_uint8(grid[0]), video)
     np.testing.assert_array_equal(pipeline.tensor_to_uint8(grid[1:, 0]), freeze[1:])
@@ -246,6 +270,25 @@ def test_generate_without_fit_uses_the_feed_forward_reconstruction(client):
     assert outcome.ok, outcome.final
     stages = [m["stage"] for m in outcome.progress]
     assert "reconstruct" in stages and "fit" not in stages
+
+
+@pytest.mark.parametrize("fit", ["off", "fast"])
+def test_generate_crops_a_wide_video_to_the_models_aspect(client, fit):
+    """A 40x24 video is not squashed: the grid's row 0 is its centred 24x24 crop resized,
+    and both the feed-forward reconstruction and the fit take the crop's intrinsics."""
+    V, T = 2, 2
+    c2w, _ = grid_rig(V, T)
+    intr = np.tile(np.array([36.0, 36.0, 20.0, 12.0, 40.0, 24.0], np.float32), (V, T, 1))
+    video = np.random.default_rng(7).integers(0, 255, (T, 24, 40, 3), dtype=np.uint8)
+    outcome = client.run_job("generate", {"steps": 1, "fit": fit, "fit_seconds": 10},
+                             {"c2w": c2w, "intrinsics": intr, "video": video}, timeout=300)
+    assert outcome.ok, outcome.final
+    grid = next(m.arrays["grid"] for m in outcome.results if m["content"] == "grid")
+    expected = pipeline.tensor_to_uint8(pipeline.frames_to_tensor(video[:, :, 8:32],
+                                                                  (SIZE, SIZE)))
+    np.testing.assert_array_equal(grid[0], expected)
+    gaussians = [m for m in outcome.results if m["content"] == "gaussians"]
+    assert len(gaussians) == T and all(len(m.arrays["means"]) > 0 for m in gaussians)
 
 
 def test_generate_is_deterministic_per_seed(client):

@@ -7,8 +7,9 @@ backend reads) + optional `freeze` [V, H, W, 3] uint8 (every view at the first t
 Results: progress per denoising step, one `grid` result (the generated frames, uint8
 [V, T, h, w, 3] at the model's size), then one `gaussians` result per timestep (fields
 index, of, frame = timestep). Parameters: `backend.job_params.JOB_PARAMS["generate"]`.
-Frames of any size are resized to the models' size, the intrinsics scaled with them; the
-Gaussians come back in the rig's own world units. The job folder keeps grid.npy, the PNG
+Frames of any size are cropped to the models' aspect ratio (the largest centred box) and
+resized to their size, the intrinsics cropped and scaled with them; the fitting stage sees
+the input frames whole, at their own resolution. The Gaussians come back in the rig's own world units. The job folder keeps grid.npy, the PNG
 frames, grid.mp4 and the PLY sequence under gaussians/.
 """
 
@@ -138,7 +139,7 @@ def run_generate(ctx: JobContext, inputs: dict[str, Any]) -> None:
     frame = inputs["frame"]
     c2w_n = frame.to_normalised(c2w)
     try:
-        grid, _ = pipeline.generate_grid(models["diffusion"], video, c2w_n, intr,
+        grid, _, grid_intr = pipeline.generate_grid(models["diffusion"], video, c2w_n, intr,
                                          inputs["freeze"], settings, progress_reporter(ctx),
                                          ctx.job.cancel_event.is_set)
     except pipeline.PipelineError as exc:
@@ -149,19 +150,21 @@ def run_generate(ctx: JobContext, inputs: dict[str, Any]) -> None:
     pipeline.write_grid(ctx.out_dir / "grid", grid_u8, fps=params["fps"])
     ctx.result({"grid": grid_u8}, content="grid", index=0, of=1)
     if fitting:
-        seq = run_fit(ctx, _generate_cells(video, inputs["freeze"], grid, settings),
-                      c2w_n, intr, settings)
+        cells = _generate_cells(video, inputs["freeze"], grid, grid_intr, settings)
+        seq = run_fit(ctx, cells, c2w_n, intr, settings)
     else:
-        seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, intr,
+        seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, grid_intr,
                                         settings, progress_reporter(ctx))
     ctx.check_cancelled()
     send_gaussians(ctx, seq, frame, identities=fitting)
     ctx.progress("done", 1, 1, f"{V} views x {T} timesteps")
 
 
-def _generate_cells(video: np.ndarray, freeze: np.ndarray | None, grid, settings) -> list:
+def _generate_cells(video: np.ndarray, freeze: np.ndarray | None, grid, grid_intr,
+                    settings) -> list:
     """The fit's cells: the input video (row 0) and the freeze-time column at their own
-    resolution with weight 1, the generated cells at the model's with `generated_weight`."""
+    resolution with weight 1, the generated cells at the model's (its crop, intrinsics
+    `grid_intr`) with `generated_weight`."""
     from backend.pipeline import FitCells
 
     V, T = grid.shape[:2]
@@ -179,7 +182,8 @@ def _generate_cells(video: np.ndarray, freeze: np.ndarray | None, grid, settings
         cells.append(FitCells(column, column_weights))
         given |= column_weights > 0
     if settings.generated_weight > 0:
-        cells.append(FitCells(grid, np.where(given, 0.0, settings.generated_weight)))
+        cells.append(FitCells(grid, np.where(given, 0.0, settings.generated_weight),
+                              grid_intr))
     return cells
 
 

@@ -50,9 +50,9 @@ def run_reconstruct(ctx: JobContext, inputs: dict[str, Any]) -> None:
     else:
         models = pipeline_models(ctx, params, need_diffusion=False)
         size = tuple(models["reconstruction"].config.image_size)
-        grid = pipeline.frames_to_tensor(inputs["images"], size)  # [V, T, 3, h, w]
-        seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n,
-                                        inputs["intrinsics"], settings, progress_reporter(ctx))
+        grid, grid_intr = pipeline.model_frames(inputs["images"], inputs["intrinsics"], size)
+        seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, grid_intr,
+                                        settings, progress_reporter(ctx))
     ctx.check_cancelled()
     send_gaussians(ctx, seq, frame, identities=fitting)
     ctx.progress("done", 1, 1, f"{V} views x {T} timesteps")
