@@ -97,6 +97,8 @@ def test_paper_preset_has_about_eleven_billion_parameters():
     ({"cfg_dropout": 1.0}, "cfg_dropout"),
     ({"image_size": (18, 16)}, "image_size"),
     ({"depth": 0}, "depth"),
+    ({"conv_channels": -1}, "conv_channels"),
+    ({"conv_channels": True}, "conv_channels"),
 ])
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -489,3 +491,134 @@ def test_x0_model_samples_in_one_step_to_its_estimate():
     torch.testing.assert_close(out[0, 1], z[0, 1, :1].expand(3, 3, 8, 8))  # the copy baseline
     several = EulerSampler(steps=4).sample(model, z, mask)
     torch.testing.assert_close(several, out, rtol=0, atol=1e-5)  # a fixed point of the flow
+
+
+# ---------------------------------------------------------------- convolutional hourglass
+
+
+def hourglass_x0_config(**overrides) -> DiffusionConfig:
+    return debug_config(conv_channels=16, reference_conditioning=True, prediction="x0",
+                        **overrides)
+
+
+def test_hourglass_is_off_by_default_and_old_configs_load():
+    config = debug_config()
+    assert config.conv_channels == 0 and VideoDiT(config).hourglass is None
+    values = debug_config(conv_channels=8).to_dict()
+    assert values["conv_channels"] == 8
+    del values["conv_channels"]  # a config written before the option existed
+    assert DiffusionConfig.from_dict(values).conv_channels == 0
+    plain = {k for k in VideoDiT(config).state_dict()}
+    hourglass = {k for k in VideoDiT(debug_config(conv_channels=8)).state_dict()}
+    assert plain < hourglass and all(k.startswith("hourglass.") for k in hourglass - plain)
+
+
+def test_fresh_hourglass_model_starts_at_the_copy_baseline_and_zero_velocity():
+    from backend.diffusion.model import reference_frames
+
+    torch.manual_seed(0)
+    model = VideoDiT(hourglass_x0_config(use_camera_rays=True)).eval()
+    inputs = grid_inputs(B=2)
+    rays = torch.randn(2, 3, 4, 6, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        velocity = model(inputs["x"], torch.ones(2), inputs["cond_frames"],
+                         inputs["cell_mask"], rays=rays)
+        _, _, reference, _ = reference_frames(inputs["cond_frames"], inputs["cell_mask"])
+    torch.testing.assert_close(inputs["x"] - velocity, reference, rtol=0, atol=1e-6)
+    out = VideoDiT(debug_config(conv_channels=16))(**grid_inputs())
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_hourglass_trains_from_its_zero_head():
+    torch.manual_seed(0)
+    model = VideoDiT(debug_config(conv_channels=16))
+    hourglass = model.hourglass
+    z = blob_grid(V=3)
+    mask = grid_inputs()["cell_mask"]
+    probe = grid_inputs(seed=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step() -> None:
+        loss = rectified_flow_loss(model, z, mask, generator=torch.Generator().manual_seed(2),
+                                   s=torch.tensor([0.5]), cfg_dropout=0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    with torch.no_grad():
+        before = model(**probe)
+    step()
+    assert hourglass.head_convs[-1].weight.grad.abs().max() > 0
+    assert hourglass.head_convs[-1].bias.grad.abs().max() > 0
+    with torch.no_grad():
+        after = model(**probe)
+    assert not torch.allclose(before, after)
+    step()  # the head is live now: gradients flow back into the stem
+    for conv in (hourglass.stem_convs[0], hourglass.stem_convs[2], hourglass.down):
+        assert conv.weight.grad.abs().max() > 0
+
+
+def test_hourglass_shapes_on_a_non_square_grid_with_gradient_checkpointing():
+    torch.manual_seed(0)
+    model = randomize(VideoDiT(hourglass_x0_config(use_camera_rays=True)), std=0.1)
+    inputs = grid_inputs(B=2, V=2, T=3, H=16, W=24)
+    rays = torch.randn(2, 2, 3, 6, 16, 24, generator=torch.Generator().manual_seed(5))
+    grads = []
+    outs = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        out = model(**inputs, rays=rays)
+        assert out.shape == inputs["x"].shape and torch.isfinite(out).all()
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append(model.hourglass.stem_convs[0].weight.grad.clone())
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    big = grid_inputs(V=4, T=4)  # the largest grid the config allows
+    big_rays = torch.randn(1, 4, 4, 6, 16, 16, generator=torch.Generator().manual_seed(6))
+    assert model(**big, rays=big_rays).shape == big["x"].shape
+
+
+def test_hourglass_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = randomize(VideoDiT(hourglass_x0_config()), std=0.1).eval()
+    model.save_pretrained(tmp_path / "hourglass")
+    loaded = VideoDiT.from_pretrained(tmp_path / "hourglass")
+    assert loaded.config.conv_channels == 16 and loaded.config == model.config
+    inputs = grid_inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs), model(**inputs))
+
+
+@pytest.mark.parametrize("reference_conditioning", [False, True])
+def test_hourglass_reads_given_frames_only_in_given_cells(reference_conditioning):
+    torch.manual_seed(0)
+    config = debug_config(conv_channels=16, reference_conditioning=reference_conditioning)
+    model = randomize(VideoDiT(config), std=0.1)
+    inputs = grid_inputs()
+    base = model(**inputs)
+    free_edit = dict(inputs, cond_frames=inputs["cond_frames"].clone())
+    free_edit["cond_frames"][0, 1, 1] += 5.0  # not a given cell
+    assert torch.equal(model(**free_edit), base)
+    given_edit = dict(inputs, cond_frames=inputs["cond_frames"].clone())
+    given_edit["cond_frames"][0, 0, 2] += 5.0  # a given cell
+    assert not torch.allclose(model(**given_edit), base)
+    dropped = model(**inputs, drop_conditioning=True)
+    assert torch.equal(model(**given_edit, drop_conditioning=True), dropped)
+
+
+def test_hourglass_stem_patches_follow_the_token_order():
+    from backend.diffusion.model import ConvHourglass
+
+    torch.manual_seed(0)
+    hourglass = ConvHourglass(in_channels=5, channels=4, width=6, patch_size=4, out_channels=3)
+    B, V, T, H, W = 2, 3, 2, 8, 12
+    inputs = torch.randn(B, V, T, 5, H, W, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        features, patches = hourglass.stem(inputs)
+        assert features.shape == (B * V * T, 4, H, W) and patches.shape == (B, V * T * 6, 6)
+        b, v, t, y, x = 1, 2, 1, 1, 2
+        frame = features[(b * V + v) * T + t][None]  # [1, c, H, W]
+        expected = hourglass.down(frame)[0, :, y, x]  # [D]
+        torch.testing.assert_close(patches[b, ((v * T + t) * 2 + y) * 3 + x], expected)

@@ -31,6 +31,10 @@ class DiffusionConfig:
     `cache_conditioning` adds a per-cell input: the given frames of the cell's timestep
     unprojected with depth and rendered into its camera (`backend.diffusion.cache`), colour
     and coverage, so the network corrects a warped guess (as GEN3C / ViewCrafter).
+    `conv_channels` > 0 wraps the transformer in a convolutional hourglass with that many
+    feature channels (see `ConvHourglass`): convolutions over every per-pixel input at full
+    resolution feed the patch tokens and refine the output, the transformer works at the
+    patch level; 0 (the default) builds no hourglass.
     """
 
     in_channels: int = 3
@@ -53,6 +57,7 @@ class DiffusionConfig:
     reference_conditioning: bool = False
     prediction: str = "velocity"  # what the network outputs: "velocity" or "x0"
     cache_conditioning: bool = False  # each cell also gets a render of the given frames' 3D cache
+    conv_channels: int = 0  # feature channels of the convolutional hourglass; 0 = none
 
     def __post_init__(self) -> None:
         self.image_size = tuple(self.image_size)
@@ -69,6 +74,9 @@ class DiffusionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if (not isinstance(self.conv_channels, int) or isinstance(self.conv_channels, bool)
+                or self.conv_channels < 0):
+            raise ValueError(f"conv_channels must be an int >= 0, got {self.conv_channels!r}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         rope_axis_pairs(self.head_dim)  # raises unless head_dim suits 3D RoPE

@@ -6,6 +6,11 @@ noisy tokens of those cells; Plucker camera rays are patch-embedded and added th
 Each block is pre-norm with AdaLN-zero modulation from the diffusion time, self-attention
 with RMS qk-norm and 3D RoPE over the grid, optional cross-attention to a context, and a
 GELU MLP. The network predicts the rectified-flow velocity `eps - z`.
+
+With `conv_channels` > 0 a convolutional hourglass (`ConvHourglass`) wraps the transformer:
+a per-frame conv stem over every per-pixel input adds its patch features to the tokens, and
+a conv head refines the output at full resolution from the final tokens and the stem's
+features, so local detail comes from convolutions and the transformer works on patches.
 """
 
 from __future__ import annotations
@@ -187,6 +192,60 @@ class VideoDiTBlock(nn.Module):
         return x + gate[:, None] * self.mlp(modulate(self.norm(x), shift, scale))
 
 
+class ConvHourglass(nn.Module):
+    """Full-resolution convolutions around the patch-level transformer (`conv_channels`).
+
+    `stem` runs per frame over the stacked per-pixel inputs and returns full-resolution
+    features F and their patch embedding, added to the tokens; `head` unpatchifies the final
+    tokens into full-resolution features U, convolves [U, F] and returns a correction added
+    to the output of `proj_out`. The head's last convolution starts at zero, so a fresh
+    model's output equals that of the same model without the hourglass.
+    """
+
+    def __init__(self, in_channels: int, channels: int, width: int, patch_size: int,
+                 out_channels: int):
+        super().__init__()
+        c, p = channels, patch_size
+        self.patch_size = p
+        self.stem_convs = nn.Sequential(
+            nn.Conv2d(in_channels, c, 3, padding=1), nn.GELU(approximate="tanh"),
+            nn.Conv2d(c, c, 3, padding=1), nn.GELU(approximate="tanh"))
+        self.down = nn.Conv2d(c, width, kernel_size=p, stride=p)  # one output per patch
+        self.up = nn.Linear(width, c * p * p)
+        self.head_convs = nn.Sequential(
+            nn.Conv2d(2 * c, c, 3, padding=1), nn.GELU(approximate="tanh"),
+            nn.Conv2d(c, out_channels, 3, padding=1))
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default convolution initialisation, the head's last convolution zero
+        (`up`, a linear, is initialised with the model's other linears)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+        nn.init.zeros_(self.head_convs[-1].weight)
+        nn.init.zeros_(self.head_convs[-1].bias)
+
+    def stem(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """inputs: [B, V, T, Cin, H, W] per-pixel inputs -> (features F [B*V*T, c, H, W],
+        patch features [B, V*T*h*w, D] in the token order of `patchify`)."""
+        B, V, T = inputs.shape[:3]
+        features = self.stem_convs(inputs.flatten(0, 2))  # [B*V*T, c, H, W]
+        patches = self.down(features)  # [B*V*T, D, h, w]
+        _, D, h, w = patches.shape
+        patches = patches.reshape(B, V, T, D, h, w).permute(0, 1, 2, 4, 5, 3)  # [B,V,T,h,w,D]
+        return features, patches.reshape(B, V * T * h * w, D)
+
+    def head(self, tokens: Tensor, features: Tensor, num_views: int, num_steps: int) -> Tensor:
+        """tokens: [B, N, D] (after the output norm and AdaLN); features: the stem's F
+        [B*V*T, c, H, W] -> the output correction [B, V, T, C_out, H, W]."""
+        B = tokens.shape[0]
+        H, W = features.shape[-2:]
+        up = unpatchify(self.up(tokens), num_views, num_steps, H, W, self.patch_size)
+        both = torch.cat([up.flatten(0, 2), features], dim=1)  # [B*V*T, 2c, H, W]
+        out = self.head_convs(both)  # [B*V*T, C_out, H, W]
+        return out.reshape(B, num_views, num_steps, *out.shape[1:])
+
+
 X0_MIN_TIME = 1e-4  # x0-predicting models divide by s: keep the velocity finite at s = 0
 
 
@@ -252,6 +311,13 @@ class VideoDiT(PretrainedModel):
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaln_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.proj_out = nn.Linear(D, C * p * p)
+        self.hourglass = None
+        if config.conv_channels:
+            # per-pixel inputs: x, the given frame, the two reference frames, the rays
+            pixel_channels = (C + C * config.use_cell_conditioning
+                              + 2 * C * config.reference_conditioning
+                              + RAY_CHANNELS * config.use_camera_rays)
+            self.hourglass = ConvHourglass(pixel_channels, config.conv_channels, D, p, C)
         self.reset_parameters()
 
     def set_attention_impl(self, impl: str) -> None:
@@ -264,7 +330,8 @@ class VideoDiT(PretrainedModel):
                 module.impl = impl
 
     def reset_parameters(self) -> None:
-        """DiT initialisation: Xavier linears, zero AdaLN gates and output projections."""
+        """DiT initialisation: Xavier linears, zero AdaLN gates and output projections (and
+        the hourglass's last convolution)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -284,6 +351,8 @@ class VideoDiT(PretrainedModel):
             nn.init.normal_(self.null_cond_embedding, std=0.02)
         if self.config.reference_conditioning:
             nn.init.normal_(self.ref_embedding, std=0.02)
+        if self.hourglass is not None:
+            self.hourglass.reset_parameters()
 
     def _check_inputs(self, x: Tensor, s: Tensor, cond_frames: Tensor, cell_mask: Tensor,
                       rays: Tensor | None, context: Tensor | None,
@@ -343,6 +412,12 @@ class VideoDiT(PretrainedModel):
         content = torch.where(drop[:, None, None], self.null_cond_embedding, content)
         return tokens + torch.where(given, content + self.given_embedding, 0.0)
 
+    def _checkpointed(self, fn, *args):
+        """fn(*args), under gradient checkpointing when it is on and the model trains."""
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def forward(self, x: Tensor, s: Tensor, cond_frames: Tensor, cell_mask: Tensor,
                 rays: Tensor | None = None, context: Tensor | None = None,
                 drop_conditioning: Tensor | bool | None = None,
@@ -360,7 +435,9 @@ class VideoDiT(PretrainedModel):
         With `reference_conditioning` each cell also sees its reference frames. With
         `prediction` "x0" the network estimates the clean cells (where a cell has a reference,
         as the reference plus a correction) and the velocity returned is (x - x0) / s, s
-        clamped at `X0_MIN_TIME`: a fresh model's estimate is the reference itself.
+        clamped at `X0_MIN_TIME`: a fresh model's estimate is the reference itself. With
+        `conv_channels` the hourglass's stem reads x, the given frames (zero outside given
+        cells and where conditioning is dropped), the reference frames and the rays per pixel.
         """
         self._check_inputs(x, s, cond_frames, cell_mask, rays, context, cache)
         cfg = self.config
@@ -371,7 +448,7 @@ class VideoDiT(PretrainedModel):
         tokens = self.x_embed(patchify(x, cfg.patch_size))  # [B, N, D]
         if cfg.use_cell_conditioning:
             tokens = self._condition_tokens(tokens, cond_frames, cell_mask, drop)
-        has_ref = None
+        has_ref = pair = None
         if cfg.reference_conditioning:
             keep = cell_mask & ~drop[:, None, None]  # the null branch has no references
             by_view, by_time, reference, has_ref = reference_frames(cond_frames, keep)
@@ -385,20 +462,31 @@ class VideoDiT(PretrainedModel):
         if cache is not None:  # the cache is made of given frames: null branch sees none
             cache = torch.where(drop[:, None, None, None, None, None], 0.0, cache)
             tokens = tokens + self.cache_embed(patchify(cache.to(tokens.dtype), cfg.patch_size))
+        features = None
+        if self.hourglass is not None:
+            pixels = [x]  # every per-pixel input, each [B, V, T, *, H, W]
+            if cfg.use_cell_conditioning:
+                given = cell_mask & ~drop[:, None, None]  # dropped samples see no given frames
+                pixels.append(torch.where(given[..., None, None, None], cond_frames, 0.0))
+            if pair is not None:
+                pixels.append(pair)
+            if rays is not None:
+                pixels.append(rays.to(x.dtype))
+            stem_input = torch.cat(pixels, dim=3)  # [B, V, T, Cin, H, W]
+            features, patches = self._checkpointed(self.hourglass.stem, stem_input)
+            tokens = tokens + patches  # features: [B*V*T, c, H, W]
         if context is not None:
             context = torch.where(drop[:, None, None], 0.0, context)
         time_emb = self.time_embed(timestep_embedding(s, TIME_FREQUENCIES).to(tokens.dtype))
         cos, sin = rope_3d_angles(V, T, H // cfg.patch_size, W // cfg.patch_size,
                                   cfg.head_dim, cfg.t_max, device=x.device)  # each [N, hd/2]
         for block in self.blocks:
-            args = (tokens, time_emb, cos, sin, V, T, context)
-            if self.gradient_checkpointing and self.training:
-                tokens = checkpoint(block, *args, use_reentrant=False)
-            else:
-                tokens = block(*args)
+            tokens = self._checkpointed(block, tokens, time_emb, cos, sin, V, T, context)
         shift, scale = self.adaln_out(time_emb).chunk(2, dim=-1)  # each [B, D]
-        out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))  # [B, N, C*p*p]
-        out = unpatchify(out, V, T, H, W, cfg.patch_size)
+        tokens = modulate(self.norm_out(tokens), shift, scale)
+        out = unpatchify(self.proj_out(tokens), V, T, H, W, cfg.patch_size)  # [B,V,T,C,H,W]
+        if self.hourglass is not None:
+            out = out + self._checkpointed(self.hourglass.head, tokens, features, V, T)
         if cfg.prediction == "velocity":
             return out
         if has_ref is not None:
