@@ -66,6 +66,14 @@ def _final_loss(output_dir: Path) -> float | None:
     return round(sum(losses[-5:]) / len(losses[-5:]), 5) if losses else None
 
 
+def _steps_done(output_dir: Path, planned: int) -> int:
+    """The last step the run logged (a time budget can end it before `planned`)."""
+    log = output_dir / "log.jsonl"
+    steps = [json.loads(line).get("step", 0) for line in log.read_text().splitlines()
+             if "loss" in line] if log.is_file() else []
+    return max(steps, default=planned)
+
+
 def run_ablation(name: str, base_json: str | None, sets: list[str], flags: dict[str, Any],
                  output_dir: str | Path, eval_config: EvalConfig,
                  variants: list[str] | None = None) -> dict[str, Any]:
@@ -100,7 +108,8 @@ def run_ablation(name: str, base_json: str | None, sets: list[str], flags: dict[
         seconds = time.perf_counter() - started
         eval_out = EvalConfig(**{**eval_config.__dict__, "output_dir": str(folder / "eval")})
         report = run_evaluation(kind, final, eval_out)
-        row = {"variant": variant, "train_s": round(seconds, 1), "steps": config.steps,
+        row = {"variant": variant, "train_s": round(seconds, 1),
+               "steps": _steps_done(folder / "train", config.steps),
                "final_loss": _final_loss(folder / "train")}
         row.update({key: round(report[key], 3) for key in COLUMNS[name] if key in report})
         for family, figures in report.get("families", {}).items():
