@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from backend.cameras import c2w_to_viewmat, scale_intrinsics, unproject_depth
+from backend.cameras import project_points, scale_intrinsics, unproject_depth
 
 CACHE_CHANNELS_EXTRA = 1  # coverage, after the colour channels
 EDGE_RATIO = 0.1  # relative depth step to a 4-neighbour that marks a depth edge
@@ -69,18 +69,11 @@ def render_cache(
     source_ok = (fine > 0) & cell_mask[..., None, None]  # [B, V, T, kH, kW]
     frames = frames.repeat_interleave(k, -2).repeat_interleave(k, -1)
     HW = H * W * k * k  # points per source cell
-    # Sources (b, s, t) x targets (b, v, t): move the target view to its own axis.
-    view = c2w_to_viewmat(c2w)  # [B, V, T, 4, 4]
+    # Sources (b, s, t) x targets (b, v, t): every source point into every target camera.
     src = points.permute(0, 2, 1, 3, 4, 5).reshape(B, T, 1, V * HW, 3)  # [B, T, 1, S*HW, 3]
-    rot = view.permute(0, 2, 1, 3, 4)[..., None, :3, :3]  # [B, T, V, 1, 3, 3]
-    shift = view.permute(0, 2, 1, 3, 4)[..., None, :3, 3]  # [B, T, V, 1, 3]
-    cam = (rot @ src[..., None])[..., 0] + shift  # [B, T, V, S*HW, 3]
-    z = cam[..., 2]
-    intr = intrinsics.permute(0, 2, 1, 3)[..., None, :]  # [B, T, V, 1, 6]
-    safe_z = torch.where(z > 1e-6, z, torch.ones_like(z))
-    u = intr[..., 0] * cam[..., 0] / safe_z + intr[..., 2]
-    v = intr[..., 1] * cam[..., 1] / safe_z + intr[..., 3]
-    px, py = torch.floor(u), torch.floor(v)  # the pixel whose square holds the point
+    uv, z = project_points(src, c2w.permute(0, 2, 1, 3, 4), intrinsics.permute(0, 2, 1, 3))
+    uv = torch.nan_to_num(uv)  # points at the camera plane; masked out below by z
+    px, py = torch.floor(uv[..., 0]), torch.floor(uv[..., 1])  # the pixel holding the point
     ok = source_ok.permute(0, 2, 1, 3, 4).reshape(B, T, 1, V * HW).expand_as(z)
     # not the target cell itself: source view s != target view v
     source_view = torch.arange(V, device=z.device).repeat_interleave(HW)  # [S*HW]

@@ -184,7 +184,8 @@ def generate_setting(model: VideoDiT, samples: list[Sample], setting: str,
         cell_mask = mask.to(device).expand(len(chunk), V, T)
         cache = None
         if model.config.cache_conditioning:
-            batch = {name: torch.stack([s.to_tensors()[name] for s in chunk]).to(device)
+            tensors = [s.to_tensors() for s in chunk]
+            batch = {name: torch.stack([t[name] for t in tensors]).to(device)
                      for name in ("depth", "c2w", "intrinsics", "geometry_valid", "has_depth")}
             cache = cache_for_batch(frames * 2 - 1, batch, cell_mask)
         grid = sampler.sample(model, frames * 2 - 1, cell_mask, rays=rays, generator=generator,
