@@ -212,6 +212,16 @@ def test_time_budget_ends_the_sitting_with_a_checkpoint(tmp_path):
     assert find_resume_checkpoint(config) is None
 
 
+def test_cpu_time_budget_ends_the_sitting_and_a_wall_budget_left_alone_does_not(tmp_path):
+    out = tmp_path / "diffusion"
+    config = tiny_diffusion_config(out, steps=3)
+    config.max_cpu_minutes, config.max_minutes = 1e-6, 60.0
+    train_diffusion(config)
+    assert [p.name for p in list_checkpoints(out)] == ["step_000001"]
+    with pytest.raises(ValueError, match="max_cpu_minutes"):
+        replace(config, max_cpu_minutes=0.0)
+
+
 def test_recon_run_writes_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "recon"
     train_recon(tiny_recon_config(out, steps=2))

@@ -27,7 +27,8 @@ from backend.train.config_cli import build_config
 from backend.train.evaluate import EvalConfig, evaluate_all, run_evaluation
 
 TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "output_dir": str,
-               "device": str, "resume": str, "max_minutes": float, "seed": int,
+               "device": str, "resume": str, "max_minutes": float,
+               "max_cpu_minutes": float, "seed": int,
                "num_workers": int, "preset": str}
 EVAL_FLAGS = {"output_dir": str, "num_samples": int, "sampler_steps": int, "device": str,
               "attention_impl": str, "batch_size": int, "seed": int, "guidance": float}

@@ -8,8 +8,9 @@ paper rejects, `sequential` (a view-attention layer then a time-attention layer)
 `parallel` (both from the same input, outputs summed) - paper Table 2.
 recon: the reconstruction model against itself without the temporal attention layers and
 without camera token replacement.
-recipe: diffusion recipes at equal compute (give every variant the same `max_minutes` and
-a `steps` it cannot reach, one thread each): today's DiT (patch 8) against patch 4, a
+recipe: diffusion recipes at equal compute (give every variant the same `max_cpu_minutes`
+and a `steps` it cannot reach, one thread each: CPU time, unlike wall time, stays a fair
+budget when other work shares the machine): today's DiT (patch 8) against patch 4, a
 convolutional hourglass around the transformer, 3D-cache conditioning (the given frames
 unprojected with depth and rendered into every cell) and a loss that weights the pixels
 that change after the first timestep; `baseline_seed1` repeats the baseline with another
@@ -103,12 +104,13 @@ def run_ablation(name: str, base_json: str | None, sets: list[str], flags: dict[
         variant_sets = [*sets, *(f"{k}={json.dumps(v)}" for k, v in switch.items())]
         config = build_config(config_cls, base_json, variant_sets,
                               {**flags, "output_dir": str(folder / "train")})
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         final = train(config)
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
         eval_out = EvalConfig(**{**eval_config.__dict__, "output_dir": str(folder / "eval")})
         report = run_evaluation(kind, final, eval_out)
         row = {"variant": variant, "train_s": round(seconds, 1),
+               "train_cpu_s": round(cpu_seconds, 1),
                "steps": _steps_done(folder / "train", config.steps),
                "final_loss": _final_loss(folder / "train")}
         row.update({key: round(report[key], 3) for key in COLUMNS[name] if key in report})

@@ -48,7 +48,9 @@ class TrainLoopConfig:
     `batch_size` is per process. `use_pool` None renders a `SamplePool` once on the CPU
     and streams fresh samples on CUDA. `resume` is "auto" (latest checkpoint in
     `output_dir`), "none", or a checkpoint folder. `max_minutes` ends a sitting early with a
-    checkpoint; the next run resumes from it. `init_weights` (a `save_pretrained` folder of
+    checkpoint; the next run resumes from it. `max_cpu_minutes` does the same by the CPU time
+    this process has used since the sitting began (all its threads): equal compute for runs
+    that share a loaded machine, where wall time would favour whichever ran alone. `init_weights` (a `save_pretrained` folder of
     the same model config, such as a shipped checkpoint) starts a run that has no checkpoint
     to resume from those weights, with a fresh optimizer and schedule: fine-tuning, or
     training on in a new sitting when only the exported weights were kept.
@@ -73,6 +75,7 @@ class TrainLoopConfig:
     use_pool: bool | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_minutes: float | None = None
+    max_cpu_minutes: float | None = None
     resume: str = "auto"
     init_weights: str | None = None
 
@@ -87,6 +90,8 @@ class TrainLoopConfig:
         checks += [("lr", self.lr > 0, "> 0"), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1,
                     "in [0, 1]"), ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
                    ("max_minutes", self.max_minutes is None or self.max_minutes > 0,
+                    "positive or None"),
+                   ("max_cpu_minutes", self.max_cpu_minutes is None or self.max_cpu_minutes > 0,
                     "positive or None")]
         for key, ok, rule in checks:
             if not ok:
@@ -445,11 +450,17 @@ def _train_step(job: TrainingJob, model: nn.Module, optimizer: torch.optim.Optim
     return metrics, lr
 
 
-def _time_is_up(started: float, config: TrainLoopConfig, context: DistributedContext) -> bool:
-    """Whether `max_minutes` has passed, as decided by rank 0 for every process."""
-    if config.max_minutes is None:
+def _time_is_up(started: float, started_cpu: float, config: TrainLoopConfig,
+                context: DistributedContext) -> bool:
+    """Whether `max_minutes` of wall time or `max_cpu_minutes` of this process's CPU time
+    have passed, as decided by rank 0 for every process."""
+    if config.max_minutes is None and config.max_cpu_minutes is None:
         return False
-    flag = torch.tensor([float(time.perf_counter() - started > 60 * config.max_minutes)])
+    wall_up = (config.max_minutes is not None
+               and time.perf_counter() - started > 60 * config.max_minutes)
+    cpu_up = (config.max_cpu_minutes is not None
+              and time.process_time() - started_cpu > 60 * config.max_cpu_minutes)
+    flag = torch.tensor([float(wall_up or cpu_up)])
     if context.distributed:
         flag = flag.to(context.device)
         dist.broadcast(flag, src=0)
@@ -528,14 +539,14 @@ def run_training(job: TrainingJob, context: DistributedContext) -> Path:
                            "parameters": sum(p.numel() for p in model.parameters())})
     step = state["step"]
     batches = job.make_batches(step) if step < config.steps else iter(())
-    window, started = MetricWindow(), time.perf_counter()
+    window, started, started_cpu = MetricWindow(), time.perf_counter(), time.process_time()
     samples_per_step = config.batch_size * context.world_size
     while step < config.steps:
         metrics, lr = _train_step(job, wrapped, optimizer, ema, next(batches), step,
                                   context.device)
         step += 1
         window.add(metrics)
-        stop = _time_is_up(started, config, context)
+        stop = _time_is_up(started, started_cpu, config, context)
         last = stop or step == config.steps
         state.update(step=step, samples_seen=state["samples_seen"] + samples_per_step)
         if step % config.log_every == 0 or last:
