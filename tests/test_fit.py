@@ -12,7 +12,7 @@ import torch
 from backend.cameras import c2w_to_viewmat, intrinsics_to_K, orbit_rig
 from backend.fit import FitCancelled, FitConfig, FitTarget, fit_gaussians
 from backend.fit import environment as environment_module
-from backend.fit.density import GradientStats, densify_and_prune
+from backend.fit.density import GradientStats, densify_and_prune, reset_opacity
 from backend.fit.environment import Environment
 from backend.fit.init import plane_sweep_init
 from backend.fit.losses import nearest_neighbours, neighbour_weights, rigidity_losses
@@ -66,6 +66,11 @@ def test_plane_sweep_puts_points_on_the_textured_surfaces():
     assert (distance < 0.15).float().mean() > 0.7 and distance.median() < 0.12
     sky = points.means[:, 2] > 1.5  # nothing sits in the flat sky
     assert sky.float().mean() < 0.02
+    # the ground (z = -0.5) is found, and the points seeded on it are flagged and lie on it
+    normal, offset = points.plane
+    assert normal[2] > 0.99 and abs(float(offset) - 0.5) < 0.08  # 2% of the distance
+    assert points.ground.float().mean() > 0.3
+    assert (points.means[points.ground] @ normal + offset).abs().max() < 1e-4
 
 
 def test_fitting_recovers_the_renders_of_a_scene_and_beats_copying_at_new_cameras():
@@ -124,6 +129,40 @@ def test_density_control_keeps_the_count_under_its_cap():
     assert result["split"] > 0 and len(g.means) == len(g.quats) == 2
     assert all(len(m) == len(g) for m in g.means)
     assert (torch.sigmoid(g.opacity_logits) >= 0.02).all()
+
+
+def test_ground_gaussians_stay_on_the_plane_through_density_control():
+    generator = torch.Generator().manual_seed(0)
+    n = 400
+    means = torch.randn(n, 3)
+    g = FitGaussians.from_points(means, torch.rand(n, 3), torch.full((n,), 0.05), 0.5,
+                                 num_steps=2)
+    g.ground = torch.arange(n) % 2 == 0
+    normal, offset = torch.nn.functional.normalize(torch.tensor([0.2, 0.1, 1.0]), dim=0), \
+        torch.tensor(0.3)
+    free = [m[~g.ground].detach().clone() for m in g.means]
+    g.hold_on_plane(normal, offset)
+    for m, before in zip(g.means, free, strict=True):
+        assert (m[g.ground] @ normal + offset).abs().max() < 1e-5  # on the plane
+        torch.testing.assert_close(m[~g.ground], before)  # the others untouched
+    # density control hands the flag on to clones and split halves
+    stats = GradientStats()
+    viewmats = torch.eye(4)[None].clone()
+    viewmats[0, 2, 3] = 5.0
+    Ks = torch.tensor([[[50.0, 0, 32], [0, 50.0, 32], [0, 0, 1]]])
+    stats.add(torch.full((n, 3), 1.0), g.means[0].detach(), viewmats, Ks, 64)
+    densify_and_prune(g, stats, grad_threshold=1e-6, split_size=0.15, prune_opacity=0.02,
+                      max_size=10.0, max_count=1200, generator=generator)
+    assert len(g.ground) == len(g) > n and 0.4 < g.ground.float().mean() < 0.6
+    g.hold_on_plane(normal, offset)
+    assert (g.means[1][g.ground] @ normal + offset).abs().max() < 1e-5
+    # the ground is a surface: kept opaque, spared by opacity resets
+    g.hold_on_plane(normal, offset, opacity=0.8)
+    assert (torch.sigmoid(g.opacity_logits[g.ground]) >= 0.8 - 1e-5).all()
+    assert (torch.sigmoid(g.opacity_logits[~g.ground]) < 0.6).all()
+    reset_opacity(g, 0.01, spare=g.ground)
+    assert (torch.sigmoid(g.opacity_logits[g.ground]) >= 0.8 - 1e-5).all()
+    assert (torch.sigmoid(g.opacity_logits[~g.ground]) <= 0.01 + 1e-6).all()
 
 
 def test_3d_filter_bounds_thinness_keeps_the_integral_and_is_exported():

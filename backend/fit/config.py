@@ -32,6 +32,8 @@ class FitConfig:
     init_cost_quantile: float = 0.6  # keep the best-matching fraction of pixels
     init_opacity: float = 0.5
     init_ground: bool = True  # find a ground plane and seed it where the views match it
+    ground_lock: bool = True  # Gaussians seeded on the ground stay on its plane ...
+    ground_opacity: float = 0.5  # ... at least this opaque (opacity resets spare them)
     # ------------------------------------------------------------------ optimisation
     lr: float = 1.0  # multiplies every learning rate below
     means_lr: float = 4e-3  # x the mean camera distance

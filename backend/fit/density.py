@@ -88,7 +88,7 @@ def _clone(g: FitGaussians, mask: Tensor) -> None:
     if not mask.any():
         return
     g.append([m[mask] for m in g.means], [q[mask] for q in g.quats], g.log_scales[mask],
-             g.opacity_logits[mask], g.sh0[mask], g.filter_var[mask])
+             g.opacity_logits[mask], g.sh0[mask], g.filter_var[mask], g.ground[mask])
 
 
 def _split(g: FitGaussians, mask: Tensor, generator: torch.Generator) -> None:
@@ -104,12 +104,17 @@ def _split(g: FitGaussians, mask: Tensor, generator: torch.Generator) -> None:
         quats.append(q[mask].repeat(SPLIT_COUNT, 1))
     log_scales = torch.log((scales / SPLIT_SHRINK).clamp(min=SCALE_FLOOR))
     g.append(means, quats, log_scales, g.opacity_logits[mask].repeat(SPLIT_COUNT),
-             g.sh0[mask].repeat(SPLIT_COUNT, 1), g.filter_var[mask].repeat(SPLIT_COUNT))
+             g.sh0[mask].repeat(SPLIT_COUNT, 1), g.filter_var[mask].repeat(SPLIT_COUNT),
+             g.ground[mask].repeat(SPLIT_COUNT))
 
 
-def reset_opacity(g: FitGaussians, ceiling: float = 0.01) -> None:
-    """3DGS's opacity reset: every opacity at most `ceiling`, so floaters must re-earn it."""
+def reset_opacity(g: FitGaussians, ceiling: float = 0.01, spare: Tensor | None = None
+                  ) -> None:
+    """3DGS's opacity reset: every opacity at most `ceiling`, so floaters must re-earn it
+    (those in the `spare` [N] mask are left as they are)."""
     with torch.no_grad():
         ceiling_logit = inverse_sigmoid(torch.tensor(ceiling, device=g.opacity_logits.device))
         capped = torch.minimum(g.opacity_logits, ceiling_logit)
+        if spare is not None:
+            capped = torch.where(spare, g.opacity_logits, capped)
         g.opacity_logits = capped.clone().requires_grad_()

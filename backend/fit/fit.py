@@ -74,6 +74,7 @@ class _Fitter:
         self.environment.coeffs.requires_grad_(self.learn_background)
         self.report = FitReport()
         self.started = time.perf_counter()
+        self.plane: tuple[Tensor, Tensor] | None = None  # the ground, when init found one
 
     # ---------------------------------------------------------------------- helpers
     def _border_colour(self) -> Tensor:
@@ -157,6 +158,14 @@ class _Fitter:
                         if cells else torch.zeros(0, 6, device=self.device))
         g.set_filter(c2w, intr, self.config.filter_variance)
 
+    def _hold(self, g: FitGaussians, follow: bool = True) -> None:
+        """Ground Gaussians back onto the ground plane (after every optimiser step), the
+        plane following them along its normal."""
+        if self.plane is not None:
+            normal, offset = self.plane
+            self.plane = (normal, g.hold_on_plane(normal, offset, self.config.ground_opacity,
+                                                  follow))
+
     def _optimizer(self, groups: list[tuple[list[Tensor], float]]) -> torch.optim.Adam:
         lr = self.config.lr
         params = [{"params": p, "lr": rate * lr} for p, rate in groups if p]
@@ -192,6 +201,10 @@ class _Fitter:
                                      points.colors.to(self.device),
                                      points.sizes.to(self.device), self.config.init_opacity,
                                      self.num_steps)
+        if self.config.ground_lock and points.ground is not None:
+            g.ground = points.ground.to(self.device)
+            self.plane = tuple(p.to(self.device).float() for p in points.plane)
+            self._hold(g, follow=False)
         self.report.initial_count = len(g)
         self.update_filter(g)
         return g
@@ -218,6 +231,7 @@ class _Fitter:
             viewmats, Ks, w = self._pending_stats
             stats.add(g.means[t].grad, g.means[t].detach(), viewmats, Ks, w)
             optimizer.step()
+            self._hold(g)
             done = step + 1
             densify = (cfg.densify_every and step > 0 and step % cfg.densify_every == 0
                        and step < cfg.densify_until * steps)
@@ -226,7 +240,7 @@ class _Fitter:
                     g, stats, cfg.densify_grad, cfg.split_size * self.extent,
                     cfg.prune_opacity, 0.5 * self.extent, cfg.max_gaussians, self.generator))
                 if cfg.opacity_reset_every and step % cfg.opacity_reset_every == 0:
-                    reset_opacity(g)
+                    reset_opacity(g, spare=g.ground if self.plane is not None else None)
                 self.update_filter(g)
                 optimizer = self._static_optimizer(g, t)
             if step % 10 == 0 or step == steps - 1:
@@ -271,6 +285,7 @@ class _Fitter:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                self._hold(g)
                 done += 1
             self._tell("track", number + 1, len(order), f"timestep {t}")
         self._finish_phase("track", started, done)
@@ -308,6 +323,7 @@ class _Fitter:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            self._hold(g)
             done = step + 1
             if step % 10 == 0:
                 self._tell("polish", step + 1, cfg.joint_steps, f"loss {loss.item():.4f}")

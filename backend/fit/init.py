@@ -45,6 +45,8 @@ class InitPoints:
     means: Tensor  # [N, 3]
     colors: Tensor  # [N, 3] in [0, 1]
     sizes: Tensor  # [N] one pixel's footprint at the point's depth
+    ground: Tensor | None = None  # [N] bool: seeded on the ground plane (None: no plane)
+    plane: tuple[Tensor, Tensor] | None = None  # the ground: unit normal [3], offset []
 
 
 def _directions(intr: Tensor, h: int, w: int) -> Tensor:  # [V, 6] -> [V, h, w, 3] (z = 1)
@@ -346,13 +348,17 @@ def plane_sweep_init(images: Tensor, c2w: Tensor, intr: Tensor, config: FitConfi
         ground = _subsample(*ground, share, generator)
         means, colors, sizes = _subsample(points[objects], colours[objects],
                                           footprint[objects], budget - share, generator)
+        on_ground = torch.cat([torch.zeros(len(means), dtype=torch.bool),
+                               torch.ones(len(ground[0]), dtype=torch.bool)])
         means, colors, sizes = (torch.cat([means, ground[0]]), torch.cat([colors, ground[1]]),
                                 torch.cat([sizes, ground[2]]))
     else:
         means, colors, sizes = _subsample(means, colors, sizes, budget, generator)
+        on_ground = None
     # Far ground points have footprints of whole units: a splat that covers every pixel of
     # every view makes each rasterizer step cost (Gaussians x pixels).
-    return InitPoints(means, colors, sizes.clamp(max=INIT_MAX_SIZE * distance.mean()))
+    return InitPoints(means, colors, sizes.clamp(max=INIT_MAX_SIZE * distance.mean()),
+                      on_ground, plane if on_ground is not None else None)
 
 
 def _subsample(means: Tensor, colors: Tensor, sizes: Tensor, count: int,

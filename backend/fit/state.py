@@ -41,6 +41,8 @@ class FitGaussians:
         self.opacity_logits = opacity_logits.detach().clone().requires_grad_()
         self.sh0 = sh0.detach().clone().requires_grad_()
         self.filter_var = torch.zeros(means.shape[0], device=means.device)  # [N], not trained
+        # [N] bool: held on the ground plane (seeded there, or split or cloned from such)
+        self.ground = torch.zeros(means.shape[0], dtype=torch.bool, device=means.device)
 
     @classmethod
     def from_points(cls, means: Tensor, colors: Tensor, sizes: Tensor, opacity: float,
@@ -121,10 +123,13 @@ class FitGaussians:
         self.log_scales, self.opacity_logits, self.sh0 = (
             take(self.log_scales), take(self.opacity_logits), take(self.sh0))
         self.filter_var = self.filter_var[keep]
+        self.ground = self.ground[keep]
 
     def append(self, means: list[Tensor], quats: list[Tensor], log_scales: Tensor,
-               opacity_logits: Tensor, sh0: Tensor, filter_var: Tensor) -> None:
-        """Add Gaussians (per-timestep means and quats, shared appearance, their filter)."""
+               opacity_logits: Tensor, sh0: Tensor, filter_var: Tensor,
+               ground: Tensor | None = None) -> None:
+        """Add Gaussians (per-timestep means and quats, shared appearance, their filter,
+        whether they are held on the ground)."""
         def cat(a: Tensor, b: Tensor) -> Tensor:
             return torch.cat([a.detach(), b.detach()]).requires_grad_()
         self.means = [cat(a, b) for a, b in zip(self.means, means, strict=True)]
@@ -133,6 +138,30 @@ class FitGaussians:
         self.opacity_logits = cat(self.opacity_logits, opacity_logits)
         self.sh0 = cat(self.sh0, sh0)
         self.filter_var = torch.cat([self.filter_var, filter_var.detach()])
+        if ground is None:
+            ground = torch.zeros(len(filter_var), dtype=torch.bool, device=filter_var.device)
+        self.ground = torch.cat([self.ground, ground])
+
+    def hold_on_plane(self, normal: Tensor, offset: Tensor, opacity: float = 0.0,
+                      follow: bool = False) -> Tensor:
+        """Ground Gaussians back onto the plane n.x + d = 0 at every timestep, and at least
+        `opacity` opaque. With `follow` the plane first moves along its normal to the ground
+        Gaussians' mean height (where the optimiser pulled them), so a plane found a little
+        off settles where the views put the ground. Returns the offset d used."""
+        if not bool(self.ground.any()):
+            return offset
+        with torch.no_grad():
+            if follow:
+                heights = torch.cat([m[self.ground] @ normal for m in self.means])
+                offset = -heights.mean()
+            for m in self.means:
+                height = m[self.ground] @ normal + offset
+                m[self.ground] -= height[:, None] * normal
+            if opacity > 0:
+                floor = inverse_sigmoid(torch.tensor(opacity, device=self.ground.device))
+                logits = self.opacity_logits[self.ground]
+                self.opacity_logits[self.ground] = torch.maximum(logits, floor)
+        return offset
 
     def to_gaussians(self) -> list[Gaussians]:
         """One Gaussians container per timestep, index i the same Gaussian in each (the 3D
