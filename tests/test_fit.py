@@ -140,11 +140,14 @@ def test_ground_gaussians_stay_on_the_plane_through_density_control():
     g.ground = torch.arange(n) % 2 == 0
     normal, offset = torch.nn.functional.normalize(torch.tensor([0.2, 0.1, 1.0]), dim=0), \
         torch.tensor(0.3)
+    with torch.no_grad():
+        g.means[1] += 0.1  # timestep 1 elsewhere
     free = [m[~g.ground].detach().clone() for m in g.means]
     g.hold_on_plane(normal, offset)
     for m, before in zip(g.means, free, strict=True):
         assert (m[g.ground] @ normal + offset).abs().max() < 1e-5  # on the plane
         torch.testing.assert_close(m[~g.ground], before)  # the others untouched
+    torch.testing.assert_close(g.means[0][g.ground], g.means[1][g.ground])  # static
     # density control hands the flag on to clones and split halves
     stats = GradientStats()
     viewmats = torch.eye(4)[None].clone()

@@ -284,6 +284,8 @@ class _Fitter:
                 loss = loss + self._rigidity(g, t, previous, first)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.plane is not None:  # the ground stays where the fit put it
+                    g.means[t].grad[g.ground] = 0
                 optimizer.step()
                 self._hold(g)
                 done += 1

@@ -144,8 +144,8 @@ class FitGaussians:
 
     def hold_on_plane(self, normal: Tensor, offset: Tensor, opacity: float = 0.0,
                       follow: bool = False) -> Tensor:
-        """Ground Gaussians back onto the plane n.x + d = 0 at every timestep, and at least
-        `opacity` opaque. With `follow` the plane first moves along its normal to the ground
+        """Ground Gaussians back onto the plane n.x + d = 0, at one position for every
+        timestep (their mean over timesteps), and at least `opacity` opaque. With `follow` the plane first moves along its normal to the ground
         Gaussians' mean height (where the optimiser pulled them), so a plane found a little
         off settles where the views put the ground. Returns the offset d used."""
         if not bool(self.ground.any()):
@@ -154,9 +154,10 @@ class FitGaussians:
             if follow:
                 heights = torch.cat([m[self.ground] @ normal for m in self.means])
                 offset = -heights.mean()
-            for m in self.means:
-                height = m[self.ground] @ normal + offset
-                m[self.ground] -= height[:, None] * normal
+            shared = torch.stack([m[self.ground] for m in self.means]).mean(dim=0)
+            shared -= (shared @ normal + offset)[:, None] * normal
+            for m in self.means:  # the ground does not move: one position at every timestep
+                m[self.ground] = shared
             if opacity > 0:
                 floor = inverse_sigmoid(torch.tensor(opacity, device=self.ground.device))
                 logits = self.opacity_logits[self.ground]
