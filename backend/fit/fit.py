@@ -240,7 +240,7 @@ class _Fitter:
                     g, stats, cfg.densify_grad, cfg.split_size * self.extent,
                     cfg.prune_opacity, 0.5 * self.extent, cfg.max_gaussians, self.generator))
                 if cfg.opacity_reset_every and step % cfg.opacity_reset_every == 0:
-                    reset_opacity(g, spare=g.ground if self.plane is not None else None)
+                    reset_opacity(g, spare=g.ground)
                 self.update_filter(g)
                 optimizer = self._static_optimizer(g, t)
             if step % 10 == 0 or step == steps - 1:
@@ -284,8 +284,7 @@ class _Fitter:
                 loss = loss + self._rigidity(g, t, previous, first)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if self.plane is not None:  # the ground stays where the fit put it
-                    g.means[t].grad[g.ground] = 0
+                g.means[t].grad[g.ground] = 0  # the ground stays where the fit put it
                 optimizer.step()
                 self._hold(g)
                 done += 1

@@ -358,7 +358,7 @@ def plane_sweep_init(images: Tensor, c2w: Tensor, intr: Tensor, config: FitConfi
     # Far ground points have footprints of whole units: a splat that covers every pixel of
     # every view makes each rasterizer step cost (Gaussians x pixels).
     return InitPoints(means, colors, sizes.clamp(max=INIT_MAX_SIZE * distance.mean()),
-                      on_ground, plane if on_ground is not None else None)
+                      on_ground, plane)
 
 
 def _subsample(means: Tensor, colors: Tensor, sizes: Tensor, count: int,

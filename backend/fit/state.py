@@ -145,16 +145,16 @@ class FitGaussians:
     def hold_on_plane(self, normal: Tensor, offset: Tensor, opacity: float = 0.0,
                       follow: bool = False) -> Tensor:
         """Ground Gaussians back onto the plane n.x + d = 0, at one position for every
-        timestep (their mean over timesteps), and at least `opacity` opaque. With `follow` the plane first moves along its normal to the ground
-        Gaussians' mean height (where the optimiser pulled them), so a plane found a little
-        off settles where the views put the ground. Returns the offset d used."""
+        timestep (their mean over timesteps), and at least `opacity` opaque. With `follow`
+        the plane first moves along its normal to the ground Gaussians' mean height (where
+        the optimiser pulled them), so a plane found a little off settles where the views
+        put the ground. Returns the offset d used."""
         if not bool(self.ground.any()):
             return offset
         with torch.no_grad():
-            if follow:
-                heights = torch.cat([m[self.ground] @ normal for m in self.means])
-                offset = -heights.mean()
             shared = torch.stack([m[self.ground] for m in self.means]).mean(dim=0)
+            if follow:
+                offset = -(shared @ normal).mean()
             shared -= (shared @ normal + offset)[:, None] * normal
             for m in self.means:  # the ground does not move: one position at every timestep
                 m[self.ground] = shared

@@ -50,10 +50,11 @@ class TrainLoopConfig:
     `output_dir`), "none", or a checkpoint folder. `max_minutes` ends a sitting early with a
     checkpoint; the next run resumes from it. `max_cpu_minutes` does the same by the CPU time
     this process has used since the sitting began (all its threads): equal compute for runs
-    that share a loaded machine, where wall time would favour whichever ran alone. `init_weights` (a `save_pretrained` folder of
-    the same model config, such as a shipped checkpoint) starts a run that has no checkpoint
-    to resume from those weights, with a fresh optimizer and schedule: fine-tuning, or
-    training on in a new sitting when only the exported weights were kept.
+    that share a loaded machine, where wall time would favour whichever ran alone.
+    `init_weights` (a `save_pretrained` folder of the same model config, such as a shipped
+    checkpoint) starts a run that has no checkpoint to resume from those weights, with a
+    fresh optimizer and schedule: fine-tuning, or training on in a new sitting when only the
+    exported weights were kept.
     """
 
     batch_size: int = 8
