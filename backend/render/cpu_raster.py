@@ -1,9 +1,10 @@
 """Numba kernels: tile binning, front-to-back compositing and its backward pass.
 
-Projected pairs (`cpu_project.project_all`: proj [I, N, 12], valid [I, N]) are binned per
-image: the kept Gaussians are sorted by depth (stable, so ties keep index order) and appended
-to every tile whose pixel centres their alpha >= 1/255 box covers, so each tile's list is
-depth-sorted. Tiles are composited in parallel. Inside a tile the loop runs Gaussian by
+Projected pairs (`cpu_project.project_all`: proj [I, N, 12], valid [I, N]) are binned: each
+kept Gaussian is appended, in index order, to every tile whose pixel centres its alpha >=
+1/255 box covers (counted, then filled, over chunks of Gaussians in parallel), and each
+tile's run is then sorted by depth (stable, so ties keep index order; tiles in parallel).
+Tiles are composited in parallel. Inside a tile the loop runs Gaussian by
 Gaussian over just the pixels of its ellipse that lie between each row's first and last
 still-compositing pixel (the torch twin evaluates whole tiles): a pixel stops once its
 transmittance would fall to 1e-4 or below, the tile once all its pixels have.
@@ -68,28 +69,6 @@ def row_span(row, dy, c0, c1):  # columns [lo, hi) of row dy inside the alpha el
             min(c1, math.floor(mid + half + 1e-3) + 1))
 
 
-@njit(cache=True, error_model="numpy")
-def radix_argsort(keys, bits):  # keys [M] uint64 below 2**bits -> stable order [M] (int64)
-    """LSD radix sort by 11-bit digits, skipping digits every key shares."""
-    idx, keys = np.arange(keys.shape[0]), keys.copy()
-    idx_out, keys_out = np.empty_like(idx), np.empty_like(keys)
-    counts = np.empty(2049, np.int64)
-    for shift in range(0, bits, 11):
-        counts[:] = 0
-        for j in range(keys.shape[0]):
-            counts[((keys[j] >> shift) & 2047) + 1] += 1
-        if keys.shape[0] == 0 or counts.max() == keys.shape[0]:
-            continue
-        for d in range(1, 2049):
-            counts[d] += counts[d - 1]
-        for j in range(keys.shape[0]):
-            d = (keys[j] >> shift) & 2047
-            idx_out[counts[d]], keys_out[counts[d]] = idx[j], keys[j]
-            counts[d] += 1
-        idx, idx_out, keys, keys_out = idx_out, idx, keys_out, keys
-    return idx
-
-
 @njit(cache=True, error_model="numpy", inline="always")
 def row_gaussian_start(row, dx, dy):
     """exp(-power) at the row's first pixel and its ratio to the next pixel's: along a row the
@@ -101,66 +80,96 @@ def row_gaussian_start(row, dx, dy):
     return math.exp(-power), math.exp(-(a * dx + 0.5 * a + b * dy))
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def tile_box(proj, i, n, tile_size, width, height):
+    """Tiles (x first, x last, y first, y last) whose pixel centres pair (i, n)'s alpha >= 1/255
+    box covers; x last < x first when it covers none."""
+    c0, c1, r0, r1 = pixel_box(proj_entry(proj, i, n), 0, 0, width, height)
+    if c0 >= c1 or r0 >= r1:
+        return 0, -1, 0, -1
+    return c0 // tile_size, (c1 - 1) // tile_size, r0 // tile_size, (r1 - 1) // tile_size
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def count_pairs(proj, valid, tile_size, tiles_x, width, height, chunk, boxes, chunk_counts):
+    """boxes [I, N, 4] (int32): the tile box of every kept pair (see `tile_box`; empty for the
+    others), and chunk_counts [I, C, tiles] (zeroed): pairs per tile from the Gaussians
+    [c chunk, (c + 1) chunk) of image i. Work items are (image, chunk)."""
+    n_total, chunks = valid.shape[1], chunk_counts.shape[1]
+    for job in prange(valid.shape[0] * chunks):
+        i, c = job // chunks, job % chunks
+        for n in range(c * chunk, min((c + 1) * chunk, n_total)):
+            tx0, tx1, ty0, ty1 = 0, -1, 0, -1
+            if valid[i, n]:
+                tx0, tx1, ty0, ty1 = tile_box(proj, i, n, tile_size, width, height)
+            boxes[i, n, 0], boxes[i, n, 1], boxes[i, n, 2], boxes[i, n, 3] = tx0, tx1, ty0, ty1
+            for ty in range(ty0, ty1 + 1):
+                for tx in range(tx0, tx1 + 1):
+                    chunk_counts[i, c, ty * tiles_x + tx] += 1
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def fill_pairs(proj, boxes, tiles_x, chunk, chunk_start, pairs, depths):
+    """pairs [P] (Gaussian index) and depths [P] per (tile, Gaussian) pair, each chunk's pairs
+    of a tile from chunk_start [I, C, tiles] on, in index order (so chunk after chunk each
+    tile's run is in index order)."""
+    n_total, chunks = boxes.shape[1], chunk_start.shape[1]
+    for job in prange(boxes.shape[0] * chunks):
+        i, c = job // chunks, job % chunks
+        cursor = chunk_start[i, c].copy()
+        for n in range(c * chunk, min((c + 1) * chunk, n_total)):
+            depth = proj[i, n, 6]
+            for ty in range(boxes[i, n, 2], boxes[i, n, 3] + 1):
+                for tx in range(boxes[i, n, 0], boxes[i, n, 1] + 1):
+                    at = cursor[ty * tiles_x + tx]
+                    pairs[at], depths[at] = n, depth
+                    cursor[ty * tiles_x + tx] = at + 1
+
+
 @njit(cache=True, error_model="numpy")
-def _tile_ranges(proj, i, kept, tile_size, width, height):
-    """Depths [M] and tile ranges [M, 4] (x first, x last, y first, y last; x last < x first
-    when no pixel centre is covered) of image i's kept Gaussians, read in index order."""
-    depths = np.empty(kept.shape[0])  # float64: float32 depths convert exactly
-    ranges = np.empty((kept.shape[0], 4), np.int32)
-    for k in range(kept.shape[0]):
-        row = proj_entry(proj, i, kept[k])
-        depths[k] = row[6]
-        c0, c1, r0, r1 = pixel_box(row, 0, 0, width, height)
-        ranges[k, 0], ranges[k, 2] = c0 // tile_size, r0 // tile_size
-        ranges[k, 1] = (c1 - 1) // tile_size if c0 < c1 and r0 < r1 else -1
-        ranges[k, 3] = (r1 - 1) // tile_size
-    return depths, ranges
+def _sort_run(keys, values, bits):
+    """Stable sort of values [M] (int32) by keys [M] (uint64 below 2**bits), in place:
+    insertion sort for short runs, else LSD radix by bytes, skipping bytes every key shares."""
+    m = keys.shape[0]
+    if m <= 48:
+        for j in range(1, m):
+            key, value, k = keys[j], values[j], j - 1
+            while k >= 0 and keys[k] > key:
+                keys[k + 1], values[k + 1] = keys[k], values[k]
+                k -= 1
+            keys[k + 1], values[k + 1] = key, value
+        return
+    src_k, src_v = keys, values
+    dst_k, dst_v = np.empty_like(keys), np.empty_like(values)
+    counts = np.empty(257, np.int64)
+    swapped = False
+    for shift in range(0, bits, 8):
+        counts[:] = 0
+        for j in range(m):
+            counts[((src_k[j] >> shift) & 255) + 1] += 1
+        if counts.max() == m:
+            continue
+        for d in range(1, 257):
+            counts[d] += counts[d - 1]
+        for j in range(m):
+            d = (src_k[j] >> shift) & 255
+            dst_k[counts[d]], dst_v[counts[d]] = src_k[j], src_v[j]
+            counts[d] += 1
+        src_k, dst_k, src_v, dst_v = dst_k, src_k, dst_v, src_v
+        swapped = not swapped
+    if swapped:
+        values[:] = src_v
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def sort_and_count(proj, valid, tile_size, tiles_x, width, height, order, tile_ranges, counts,
-                   tile_counts):
-    """Per image: order [I, N] kept Gaussians by depth (counts [I] of them) with their tile
-    ranges [I, N, 4] in that order, and tile_counts [I, tiles] pairs per tile. Depths are
-    positive, so their IEEE bits sort like them: 32-bit keys for float32 projections (3 radix
-    passes), 64-bit ones for float64. Projections are read in index order, not depth order."""
-    narrow = proj.itemsize == 4
-    for i in prange(valid.shape[0]):
-        kept = np.nonzero(valid[i])[0]
-        depths, ranges = _tile_ranges(proj, i, kept, tile_size, width, height)
-        if narrow:
-            keys = depths.astype(np.float32).view(np.uint32).astype(np.uint64)
-        else:
-            keys = depths.view(np.uint64)
-        num = 0
-        for k in radix_argsort(keys, 32 if narrow else 64):
-            if ranges[k, 1] < ranges[k, 0]:
-                continue  # covers no pixel centre
-            order[i, num] = kept[k]
-            for c in range(4):
-                tile_ranges[i, num, c] = ranges[k, c]
-            num += 1
-            for ty in range(ranges[k, 2], ranges[k, 3] + 1):
-                for tx in range(ranges[k, 0], ranges[k, 1] + 1):
-                    tile_counts[i, ty * tiles_x + tx] += 1
-        counts[i] = num
-
-
-@njit(cache=True, error_model="numpy", parallel=True)
-def fill_tiles(order, tile_ranges, counts, tiles_x, tile_start, pairs):
-    """pairs [P]: Gaussian index per (tile, Gaussian) pair, tile after tile (tile_start
-    [I * tiles + 1] offsets), each tile's run in depth order."""
-    num_images = order.shape[0]
-    tiles = (tile_start.shape[0] - 1) // num_images
-    for i in prange(num_images):
-        cursor = tile_start[i * tiles:(i + 1) * tiles].copy()
-        for k in range(counts[i]):
-            n = order[i, k]
-            for ty in range(tile_ranges[i, k, 2], tile_ranges[i, k, 3] + 1):
-                for tx in range(tile_ranges[i, k, 0], tile_ranges[i, k, 1] + 1):
-                    tile = ty * tiles_x + tx
-                    pairs[cursor[tile]] = n
-                    cursor[tile] += 1
+def sort_tiles(tile_start, pairs, depth_bits):
+    """Each tile's run of pairs stably sorted by depth (depth_bits [P]: the depths' IEEE bits
+    as unsigned integers, which sort like the positive depths)."""
+    bits = depth_bits.itemsize * 8
+    for tile in prange(tile_start.shape[0] - 1):
+        first, last = tile_start[tile], tile_start[tile + 1]
+        if last - first > 1:
+            _sort_run(depth_bits[first:last].astype(np.uint64), pairs[first:last], bits)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

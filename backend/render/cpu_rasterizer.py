@@ -4,8 +4,8 @@ Same maths and conventions as the torch twin (`torch_rasterizer`, which the test
 against): EWA projection with the 0.3 px blur and optional antialiasing compensation, alpha
 clamped to 0.99 and skipped below 1/255, near/far culling, front-to-back compositing that
 stops a pixel at transmittance 1e-4. Work runs in numba's parallel loops on every core:
-projection over (image, Gaussian) pairs, binning over images, compositing over tiles, the
-projection's backward over blocks of Gaussians. Any number of cameras and Gaussian sets go
+projection over (image, Gaussian) pairs, binning over chunks of Gaussians and over tiles,
+compositing over tiles, the projection's backward over blocks of Gaussians. Any number of cameras and Gaussian sets go
 through in one call (see `backend.render.inputs`).
 
 Intermediates are packed: pairs are kept per (tile, visible Gaussian), and per (image,
@@ -35,6 +35,7 @@ from backend.render.torch_rasterizer import RenderOutput
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 _KERNEL_LOCK = threading.Lock()
+_BIN_CHUNK_MIN = 1024  # Gaussians per binning work item, at least
 
 
 @dataclass
@@ -74,6 +75,30 @@ def _zeros(shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
     return out
 
 
+def _bin(proj: np.ndarray, valid: np.ndarray, s: _Settings) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs per tile, each tile's run depth-sorted: tile_start [I * tiles + 1] offsets and
+    pairs [P] (Gaussian index). Counting and filling run over chunks of Gaussians of an image
+    (several per thread even for one image), sorting over tiles."""
+    num_images, n = valid.shape
+    tiles_x, tiles_y = s.tiles()
+    chunk = max(_BIN_CHUNK_MIN, -(-n // (4 * cpu_project.num_threads())))
+    chunks = max(1, -(-n // chunk))
+    chunk_counts = _zeros((num_images, chunks, tiles_x * tiles_y), np.int64)
+    boxes = np.empty((num_images, n, 4), np.int32)
+    cpu_raster.count_pairs(proj, valid, s.tile_size, tiles_x, s.width, s.height, chunk, boxes,
+                           chunk_counts)
+    tile_start = np.zeros(chunk_counts.shape[0] * chunk_counts.shape[2] + 1, np.int64)
+    np.cumsum(chunk_counts.sum(axis=1).ravel(), out=tile_start[1:])
+    chunk_start = np.cumsum(chunk_counts, axis=1) - chunk_counts  # within each tile's run
+    chunk_start += tile_start[:-1].reshape(num_images, 1, -1)
+    pairs = np.empty(int(tile_start[-1]), np.int32)
+    depths = np.empty(pairs.shape[0], proj.dtype)
+    cpu_raster.fill_pairs(proj, boxes, tiles_x, chunk, chunk_start, pairs, depths)
+    cpu_raster.sort_tiles(tile_start, pairs,
+                          depths.view(np.uint32 if proj.itemsize == 4 else np.uint64))
+    return tile_start, pairs
+
+
 def _forward_arrays(arrays: dict[str, np.ndarray], s: _Settings) -> dict[str, np.ndarray]:
     """Project, bin and composite; returns the outputs and what the backward pass needs."""
     num_images, n = arrays["viewmats"].shape[0], arrays["means"].shape[1]
@@ -84,16 +109,7 @@ def _forward_arrays(arrays: dict[str, np.ndarray], s: _Settings) -> dict[str, np
                             s.cams_per_set, s.width, s.height, s.near, s.far, s.antialiased,
                             proj, valid)
     tiles_x, tiles_y = s.tiles()
-    order = np.empty((num_images, n), np.int32)
-    tile_ranges = np.empty((num_images, n, 4), np.int32)
-    counts = np.zeros(num_images, np.int64)
-    tile_counts = _zeros((num_images, tiles_x * tiles_y), np.int64)
-    cpu_raster.sort_and_count(proj, valid, s.tile_size, tiles_x, s.width, s.height, order,
-                              tile_ranges, counts, tile_counts)
-    tile_start = np.zeros(tile_counts.size + 1, np.int64)
-    np.cumsum(tile_counts.ravel(), out=tile_start[1:])
-    pairs = np.empty(int(tile_start[-1]), np.int32)
-    cpu_raster.fill_tiles(order, tile_ranges, counts, tiles_x, tile_start, pairs)
+    tile_start, pairs = _bin(proj, valid, s)
     features = arrays["colors"].shape[-1] + 1
     sums = np.empty((num_images, s.height, s.width, features))
     transmittance = np.empty((num_images, s.height, s.width))
