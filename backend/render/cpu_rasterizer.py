@@ -5,8 +5,8 @@ against): EWA projection with the 0.3 px blur and optional antialiasing compensa
 clamped to 0.99 and skipped below 1/255, near/far culling, front-to-back compositing that
 stops a pixel at transmittance 1e-4. Work runs in numba's parallel loops on every core:
 projection over (image, Gaussian) pairs, binning over chunks of Gaussians and over tiles,
-compositing over tiles, the projection's backward over blocks of Gaussians. Any number of cameras and Gaussian sets go
-through in one call (see `backend.render.inputs`).
+compositing over tiles, the projection's backward over blocks of Gaussians. Any number of
+cameras and Gaussian sets go through in one call (see `backend.render.inputs`).
 
 Intermediates are packed: pairs are kept per (tile, visible Gaussian), and per (image,
 Gaussian) only where projected; gsplat's `packed` flag has no counterpart here. Gradients
@@ -28,12 +28,34 @@ from backend.render import cpu_project, cpu_raster
 from backend.render.inputs import broadcast_raster_inputs
 from backend.render.torch_rasterizer import RenderOutput
 
-# numba's default OpenMP layer busy-waits between parallel loops; on a shared or busy CPU (torch
-# ops in between, other processes) each of our several loops per call then waits out a time
-# slice: 2-4x slower end to end here. The work-queue layer sleeps instead, but takes one caller
-# at a time, hence the lock. An explicit NUMBA_THREADING_LAYER wins.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+# Threading layer. numba's OpenMP layer starts a parallel loop in about 2 us, its work-queue
+# layer in about 110 us (threads sleep between loops): a call runs 5-7 loops, so one 64 px image
+# renders and back-propagates in 11 ms against 19 ms. But OpenMP threads spin after a loop
+# (GOMP_SPINCOUNT, 300k by default), which on a busy CPU steals the time slices of the other
+# thread and of torch's own OpenMP pool (a separate libgomp). So: OpenMP where numba finds it,
+# with its spin cut to 10k (read once, when numba loads its libgomp; torch's libgomp is loaded
+# already and keeps its own), else the work queue. An explicit NUMBA_THREADING_LAYER wins.
+# Calls take a lock: the work-queue layer takes one caller at a time.
+_SPINCOUNT = "10000"
+
+
+def _start_threads() -> None:
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    numba.config.THREADING_LAYER = "default"
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+    before = os.environ.get("GOMP_SPINCOUNT")
+    os.environ["GOMP_SPINCOUNT"] = before or _SPINCOUNT
+    try:
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()  # loads the layer (and libgomp) now, under this setting
+    finally:  # child processes get the environment they had
+        if before is None:
+            del os.environ["GOMP_SPINCOUNT"]
+
+
+_start_threads()
 _KERNEL_LOCK = threading.Lock()
 _BIN_CHUNK_MIN = 1024  # Gaussians per binning work item, at least
 
