@@ -293,7 +293,8 @@ def test_generate_crops_a_wide_video_to_the_models_aspect(client, fit):
 
 def test_generate_is_deterministic_per_seed(client):
     arrays = video_arrays(2, 2, seed=1)
-    grids = [client.run_job("generate", {"steps": 1, "seed": seed}, arrays, timeout=300)
+    grids = [client.run_job("generate", {"steps": 1, "seed": seed, "fit": "fast"}, arrays,
+                            timeout=300)
              for seed in (5, 5, 6)]
     first, again, other = [next(m.arrays["grid"] for m in o.results if m["content"] == "grid")
                            for o in grids]
@@ -308,7 +309,8 @@ def test_generate_reads_a_movie_file(client, backend):
     path = backend.input_folder / "input.mp4"  # paths are read inside --input-folder only
     iio.imwrite(path, np.repeat(arrays.pop("video"), 2, axis=0), fps=8, codec="libx264",
                 macro_block_size=8)
-    outcome = client.run_job("generate", {"steps": 1, "video_path": str(path)}, arrays,
+    outcome = client.run_job("generate", {"steps": 1, "video_path": str(path), "fit": "fast"},
+                             arrays,
                              timeout=300)
     assert outcome.ok, outcome.final
     assert sum(m["content"] == "gaussians" for m in outcome.results) == 3
@@ -367,7 +369,8 @@ def test_generate_refuses_bad_input_with_a_clear_error(client, change, code, wor
 
 
 def test_generate_runs_grids_beyond_one_window(client):
-    outcome = client.run_job("generate", {"steps": 1}, video_arrays(5, 6), timeout=300)
+    outcome = client.run_job("generate", {"steps": 1, "fit": "fast"}, video_arrays(5, 6),
+                             timeout=300)
     assert outcome.ok, outcome.final
     grid = next(m.arrays["grid"] for m in outcome.results if m["content"] == "grid")
     assert grid.shape[:2] == (5, 6)
