@@ -310,8 +310,7 @@ def test_generate_reads_a_movie_file(client, backend):
     iio.imwrite(path, np.repeat(arrays.pop("video"), 2, axis=0), fps=8, codec="libx264",
                 macro_block_size=8)
     outcome = client.run_job("generate", {"steps": 1, "video_path": str(path), "fit": "fast"},
-                             arrays,
-                             timeout=300)
+                             arrays, timeout=300)
     assert outcome.ok, outcome.final
     assert sum(m["content"] == "gaussians" for m in outcome.results) == 3
 

@@ -75,7 +75,6 @@ class _Fitter:
         self.report = FitReport()
         self.started = time.perf_counter()
         self.plane: tuple[Tensor, Tensor] | None = None  # the ground, when init found one
-        self._ground: Tensor | None = None  # indices of the ground's Gaussians
 
     # ---------------------------------------------------------------------- helpers
     def _border_colour(self) -> Tensor:
@@ -120,7 +119,8 @@ class _Fitter:
             if stats is not None:
                 self._pending_stats = (viewmats, Ks, w)
         loss = total / max(weight_sum, 1e-12)
-        return loss + self._regularisers(params, torch.stack(floors).amin(dim=0))
+        return (loss + self._regularisers(params, torch.stack(floors).amin(dim=0))
+                + self._ground_flatness(g, params))
 
     def _behind(self, viewmats: Tensor, Ks: Tensor, w: int, h: int) -> Tensor:
         """What rays that miss the Gaussians see: [C, h, w, 3], or [3] for one colour."""
@@ -144,24 +144,20 @@ class _Fitter:
             seen = torch.isfinite(floor)
             short = torch.relu(floor - largest)[seen] / floor[seen]
             loss = loss + cfg.pixel_size_weight * short.mean() if seen.any() else loss
-        return loss + self._ground_flatness(params)
+        return loss
 
-    def _ground_flatness(self, params: dict[str, Tensor]) -> Tensor | float:
+    def _ground_flatness(self, g: FitGaussians, params: dict[str, Tensor]) -> Tensor | float:
         """The ground's Gaussians' extent along the plane's normal over their mean size: the
         ring sees the ground at grazing angles, where round splats blend many to a pixel and
         their colours are free to alternate (grain from above); flat ones tile a surface."""
-        ground = self._ground
-        if self.config.ground_flatness <= 0 or ground is None or len(ground) == 0:
+        ground = g.ground
+        if self.config.ground_flatness <= 0 or self.plane is None or not bool(ground.any()):
             return 0.0
         axes = quat_to_matrix(params["quats"][ground])  # [M, 3, 3], columns the axes
         scales = params["scales"][ground]
         along = ((axes * self.plane[0][:, None]).sum(dim=-2) * scales).norm(dim=-1)
         size = scales.prod(dim=-1).clamp(min=1e-30) ** (1 / 3)
         return self.config.ground_flatness * (along / size).mean()
-
-    def update_ground(self, g: FitGaussians) -> None:
-        """The indices of the ground's Gaussians (after the count changes)."""
-        self._ground = g.ground.nonzero().squeeze(1) if self.plane is not None else None
 
     def update_filter(self, g: FitGaussians) -> None:
         """The 3D filter from the cameras of every fitted cell, at the Gaussians' positions."""
@@ -233,7 +229,6 @@ class _Fitter:
         cells = self._cells(t)
         stats = GradientStats()
         optimizer = self._static_optimizer(g, t)
-        self.update_ground(g)
         steps = cfg.static_steps
         done = 0
         for step in range(steps):
@@ -261,7 +256,6 @@ class _Fitter:
                 if cfg.opacity_reset_every and step % cfg.opacity_reset_every == 0:
                     reset_opacity(g, spare=g.ground)
                 self.update_filter(g)
-                self.update_ground(g)
                 optimizer = self._static_optimizer(g, t)
             if step % 10 == 0 or step == steps - 1:
                 self._tell("fit", step + 1, steps, f"loss {loss.item():.4f}, {len(g)} Gaussians")
