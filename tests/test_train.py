@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import backend.diffusion.attention as attention
+from backend.cameras import unproject_depth
 from backend.checkpoint import save_pretrained
 from backend.data import DataConfig, PoolConfig, make_sample
 from backend.diffusion.model import VideoDiT
@@ -43,10 +44,12 @@ from backend.train.common import _resume, find_resume_checkpoint, make_optimizer
 from backend.train.config_cli import build_config
 from backend.train.diffusion import build_diffusion_job, diffusion_loss
 from backend.train.evaluate import (
+    depth_scores,
     frame_psnr,
     scored_cells,
     seen_by_inputs,
     setting_mask,
+    summarise_depth,
     visibility_ceiling,
 )
 from backend.train.recon import GeometryValidSamples, choose_view_split
@@ -442,7 +445,8 @@ def test_eval_writes_report_with_every_key_and_image_grids(tmp_path):
     assert list(on_disk["families"]) == ["dome", "open"]
     assert {k: on_disk[k] for k in on_disk["families"]["dome"]} == on_disk["families"]["dome"]
     for family, figures in on_disk["families"].items():
-        assert len(figures) == 11 and all(math.isfinite(v) for v in figures.values()), family
+        assert len(figures) == 12 and all(math.isfinite(v) for v in figures.values()), family
+        assert figures["depth_median_ratio"] > 0, family
         assert figures["psnr_copy_baseline"] >= 119.9, family  # still scenes in both
         assert figures["psnr_copy_baseline_row_only"] < 60, family
     assert on_disk["families"]["open"] != on_disk["families"]["dome"]
@@ -458,6 +462,34 @@ def test_eval_writes_report_with_every_key_and_image_grids(tmp_path):
     only_open = json.loads((tmp_path / "open" / "eval_diffusion.json").read_text())
     assert rc == 0 and list(only_open["families"]) == ["open"]
     assert only_open["psnr_generated"] == on_disk["families"]["open"]["psnr_generated"]
+
+
+def test_depth_scores_measure_the_ratio_to_true_depth_and_split_ground_from_objects():
+    data = DataConfig(num_views=3, num_steps=2, height=24, width=24, scene_kind="open")
+    sample = make_sample(data, 4)
+    views = [0, 2]
+    truth = sample.depth[views, :, 0]
+    exact = depth_scores(truth.clone(), sample, views)
+    assert exact["median_ratio"] == pytest.approx(1.0) and exact["abs_rel"] < 1e-6
+    assert {"median_ratio_ground", "median_ratio_objects"} <= set(exact)
+    far = truth * 1.5  # everything 1.5x too far
+    scores = depth_scores(far, sample, views)
+    assert scores["median_ratio"] == pytest.approx(1.5, rel=1e-5)
+    assert scores["abs_rel"] == pytest.approx(0.5, rel=1e-5)
+    # only the ground pushed away: the split tells which part is off
+    points = unproject_depth(truth.double(), sample.c2w[views].double(),
+                             sample.intrinsics[views].double())
+    ground = (points[..., 2] - sample.scene_info["ground_height"]).abs() < 1e-3
+    ground_off = depth_scores(torch.where(ground, 2 * truth, truth), sample, views)
+    assert ground_off["median_ratio_ground"] == pytest.approx(2.0, rel=1e-5)
+    assert ground_off["median_ratio_objects"] == pytest.approx(1.0, rel=1e-5)
+    summary = summarise_depth([exact, scores, ground_off])
+    assert summary["depth_median_ratio"] == pytest.approx(
+        float(np.median([1.0, 1.5, ground_off["median_ratio"]])))
+    assert summary["depth_within_10pct"] == pytest.approx(1 / 3)
+    assert summarise_depth([])["depth_median_ratio"] is None
+    with pytest.raises(ValueError, match="predicted depth"):
+        depth_scores(truth[:1], sample, views)
 
 
 def test_visibility_ceiling_counts_what_the_input_views_saw():

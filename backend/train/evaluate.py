@@ -268,6 +268,63 @@ def visibility_ceiling(sample: Sample, held: list[int], inputs: list[int],
     return psnr, 1.0 - seen.float().mean(dim=(-1, -2)).reshape(-1)
 
 
+DEPTH_TOLERANCE = 0.1  # a sample's depth is "metric" when its median ratio is within 10%
+GROUND_TOLERANCE = 1e-3  # ground pixels: world height within this x the scene's scale
+
+
+def depth_scores(
+    pred: Tensor,  # [V, T, H, W] predicted z-depth at the input views
+    sample: Sample,
+    views: list[int],  # the input views of `sample`, in `pred`'s order
+) -> dict[str, float]:
+    """One sample's depth against its ground truth at the input views: the median of
+    predicted / true depth (1 is metric; the reconstruction's Gaussians sit at that depth)
+    and the mean relative error |pred - true| / true, over the pixels with true depth
+    (sky and empty pixels have none). Open scenes also split the ratio into the ground's
+    pixels (their world point at the ground's height) and the objects'."""
+    truth = sample.depth[views, :, 0].double()  # [V, T, H, W]
+    pred = pred.double()
+    if pred.shape != truth.shape:
+        raise ValueError(f"depth_scores: predicted depth {list(pred.shape)} for true depth "
+                         f"{list(truth.shape)}")
+    valid = (truth > 0) & torch.isfinite(truth) & torch.isfinite(pred)
+    if not bool(valid.any()):
+        return {}
+    ratio = pred / truth.clamp(min=1e-12)
+    scores = {"median_ratio": float(ratio[valid].median()),
+              "abs_rel": float((ratio[valid] - 1).abs().mean())}
+    info = sample.scene_info or {}
+    if "ground_height" in info:
+        points = unproject_depth(truth, sample.c2w[views].double(),
+                                 sample.intrinsics[views].double())  # [V, T, H, W, 3]
+        tolerance = GROUND_TOLERANCE * max(float(info.get("scale", 1.0)), 1e-6)
+        ground = valid & ((points[..., 2] - info["ground_height"]).abs() < tolerance)
+        for name, mask in (("ground", ground), ("objects", valid & ~ground)):
+            if bool(mask.any()):
+                scores[f"median_ratio_{name}"] = float(ratio[mask].median())
+    return scores
+
+
+def summarise_depth(per_sample: list[dict[str, float]]) -> dict[str, float | None]:
+    """Report keys from `depth_scores` of each sample: medians over samples of the median
+    ratios, the mean relative error, and the share of samples within `DEPTH_TOLERANCE`."""
+    def values(key: str) -> list[float]:
+        return [s[key] for s in per_sample if key in s]
+
+    def median(key: str) -> float | None:
+        found = values(key)
+        return float(np.median(found)) if found else None
+
+    ratios = values("median_ratio")
+    report = {"depth_median_ratio": median("median_ratio"),
+              "depth_median_ratio_ground": median("median_ratio_ground"),
+              "depth_median_ratio_objects": median("median_ratio_objects"),
+              "depth_abs_rel": float(np.mean(values("abs_rel"))) if ratios else None,
+              "depth_within_10pct": (float(np.mean([abs(r - 1) <= DEPTH_TOLERANCE
+                                                    for r in ratios])) if ratios else None)}
+    return report
+
+
 def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
                    device: torch.device) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Scores of renders at held-out views (and at the input views) and an image grid.
@@ -278,11 +335,13 @@ def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
     the mean colour of the input frames (`*_black_background`: with black, as trained).
     `psnr_recon_visibility_ceiling` is what a reconstruction that invents nothing could reach
     at the same held-out views (exact wherever an input view saw the surface at that
-    timestep, the fill colour elsewhere; `recon_held_out_unseen_fraction` of the pixels)."""
+    timestep, the fill colour elsewhere; `recon_held_out_unseen_fraction` of the pixels).
+    `depth_*` score the predicted depth at the input views against the truth (see
+    `depth_scores`; samples without metric depth are left out)."""
     scores: dict[str, list[Tensor]] = {k: [] for k in ("held", "held_ssim", "inputs", "any",
                                                       "any_ssim", "black", "ceiling",
                                                       "unseen")}
-    truths, renders = [], []
+    truths, renders, depths = [], [], []
     for sample in samples:
         frames = sample.frames[None].to(device)  # [1, V, T, 3, H, W]
         c2w, intr = sample.c2w[None].to(device), sample.intrinsics[None].to(device)
@@ -309,6 +368,7 @@ def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
                 ceiling, unseen = visibility_ceiling(sample, held, inputs, background.cpu())
                 scores["ceiling"].append(ceiling)
                 scores["unseen"].append(unseen)
+                depths.append(depth_scores(out.depth[0].cpu(), sample, inputs))
             if interior:
                 scores["held"].append(p)
                 scores["held_ssim"].append(s)
@@ -329,7 +389,7 @@ def evaluate_recon(model: ReconModel, samples: list[Sample], config: EvalConfig,
               "psnr_recon_black_background": mean("black"),
               "psnr_recon_visibility_ceiling": mean("ceiling"),
               "recon_held_out_unseen_fraction": mean("unseen"), "input_views": config.num_views,
-              "held_out_views": config.recon_held_out_views}
+              "held_out_views": config.recon_held_out_views, **summarise_depth(depths)}
     grid = image_grid(torch.stack(truths[shown]), torch.stack(renders[shown]))
     return report, {"recon": grid}
 
@@ -412,7 +472,8 @@ def headline(diffusion: dict[str, Any], recon: dict[str, Any]) -> dict[str, Any]
     figures = {key: diffusion[key] for key in METRIC_KEYS}
     figures.update({f"{key}_row_only": diffusion[f"{key}_row_only"] for key in METRIC_KEYS})
     figures.update(psnr_recon=recon["psnr_recon"], ssim_recon=recon["ssim_recon"],
-                   psnr_recon_visibility_ceiling=recon["psnr_recon_visibility_ceiling"])
+                   psnr_recon_visibility_ceiling=recon["psnr_recon_visibility_ceiling"],
+                   depth_median_ratio=recon["depth_median_ratio"])
     return figures
 
 
