@@ -52,7 +52,7 @@ from backend.train.evaluate import (
     summarise_depth,
     visibility_ceiling,
 )
-from backend.train.recon import GeometryValidSamples, choose_view_split
+from backend.train.recon import GeometryValidSamples, choose_view_split, recon_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DIFFUSION = {"width": 32, "depth": 2, "num_heads": 2}
@@ -321,6 +321,30 @@ def test_view_split_holds_views_out():
     config.supervise_input_views = False
     split = choose_view_split(3, 2, config, np.random.default_rng(1))
     assert not set(split.targets) & set(split.inputs)
+
+
+def test_view_counts_vary_per_step_and_the_input_depth_term_scores_the_models_depth(tmp_path):
+    config = tiny_recon_config(tmp_path)
+    config.data = replace(config.data, num_views=5)
+    config.input_views, config.min_input_views = 4, 1
+    counts = {len(choose_view_split(5, 2, config, np.random.default_rng([0, 0, step])).inputs)
+              for step in range(60)}
+    assert counts == {1, 2, 3, 4}  # every count from a single video to the full rig
+    with pytest.raises(ValueError, match="min_input_views"):
+        replace(config, min_input_views=5)
+    with pytest.raises(ValueError, match="input_depth_weight"):
+        replace(config, input_depth_weight=-1.0)
+    torch.manual_seed(0)
+    model = ReconModel(config.model_config())
+    batch = {k: v[None] for k, v in make_sample(config.data, 0).to_tensors().items()}
+    without, parts = recon_loss(model, batch, 0, config, 0)
+    assert "input_depth" not in parts
+    config.input_depth_weight = 1.0
+    with_depth, parts = recon_loss(model, batch, 0, config, 0)
+    # the same split and renders; the term is the model's depth error at the input views
+    term = float(parts["input_depth"].detach())
+    assert float((with_depth - without).detach()) == pytest.approx(term, rel=1e-4)
+    assert term > 0
 
 
 def test_geometry_invalid_samples_are_skipped():

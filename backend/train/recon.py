@@ -23,6 +23,7 @@ from torch.utils.data import IterableDataset
 from backend.data import DataConfig, SamplePool
 from backend.recon import ReconConfig, ReconLossWeights, ReconModel, camera_loss
 from backend.recon import reconstruction_loss as render_loss
+from backend.recon.losses import depth_l1
 from backend.recon.splats import GaussianBatch
 from backend.train.common import (
     DistributedContext,
@@ -43,14 +44,21 @@ def _default_data() -> DataConfig:
 class ReconTrainConfig(TrainLoopConfig):
     """Training of `ReconModel`: model preset + overrides, data, the view split and losses.
 
-    `data.num_views` counts input plus held-out views. `target_timesteps` timesteps are
-    rendered per step (0: all of them). The model's `image_size` is the data's frame size.
+    `data.num_views` counts input plus held-out views. The model sees `input_views` of them,
+    or, with `min_input_views` set, a number drawn per step from [min_input_views,
+    input_views] (one model for a single input video and for a full rig).
+    `target_timesteps` timesteps are rendered per step (0: all of them). `input_depth_weight`
+    adds the relative L1 of the model's own per-pixel depth against the true depth at the
+    input views (metric depth, also where the renders are thin). The model's `image_size` is
+    the data's frame size.
     """
 
     preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=_default_data)
     input_views: int = 4
+    min_input_views: int | None = None
+    input_depth_weight: float = 0.0
     target_timesteps: int = 4
     supervise_input_views: bool = True
     loss: ReconLossWeights = field(default_factory=ReconLossWeights)
@@ -63,6 +71,12 @@ class ReconTrainConfig(TrainLoopConfig):
         if not 1 <= self.input_views < self.data.num_views:
             raise ValueError(f"ReconTrainConfig.input_views: must be in [1, data.num_views = "
                              f"{self.data.num_views}), got {self.input_views}")
+        if self.min_input_views is not None and not 1 <= self.min_input_views <= self.input_views:
+            raise ValueError(f"ReconTrainConfig.min_input_views: must be in [1, input_views = "
+                             f"{self.input_views}] or None, got {self.min_input_views}")
+        if self.input_depth_weight < 0:
+            raise ValueError(f"ReconTrainConfig.input_depth_weight: must be >= 0, got "
+                             f"{self.input_depth_weight}")
         if not 0 <= self.target_timesteps <= self.data.num_steps:
             raise ValueError(f"ReconTrainConfig.target_timesteps: must be in [0, "
                              f"{self.data.num_steps}], got {self.target_timesteps}")
@@ -108,9 +122,12 @@ class ViewSplit:
 
 def choose_view_split(num_views: int, num_steps: int, config: ReconTrainConfig,
                       rng: np.random.Generator) -> ViewSplit:
+    count = config.input_views
+    if config.min_input_views is not None:
+        count = int(rng.integers(config.min_input_views, config.input_views + 1))
     order = rng.permutation(num_views)
-    inputs = sorted(int(v) for v in order[:config.input_views])
-    held_out = sorted(int(v) for v in order[config.input_views:])
+    inputs = sorted(int(v) for v in order[:count])
+    held_out = sorted(int(v) for v in order[count:])
     targets = sorted(inputs + held_out) if config.supervise_input_views else held_out
     count = config.target_timesteps or num_steps
     timesteps = sorted(int(t) for t in rng.choice(num_steps, size=count, replace=False))
@@ -145,6 +162,10 @@ def recon_loss(model: nn.Module, batch: dict[str, Tensor], step: int, config: Re
                               intr[:, split.inputs])
     total = rendered.total + config.camera_weight * cameras
     metrics = {"mse": rendered.mse, "ssim": rendered.ssim, "camera": cameras}
+    if config.input_depth_weight > 0:
+        input_depth = depth_l1(out.depth.float(), depth[:, split.inputs].float())
+        total = total + config.input_depth_weight * input_depth
+        metrics["input_depth"] = input_depth
     if rendered.depth is not None:
         metrics["depth"] = rendered.depth
     return total, metrics
