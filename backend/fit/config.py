@@ -34,7 +34,7 @@ class FitConfig:
     init_ground: bool = True  # find a ground plane and seed it where the views match it
     ground_lock: bool = True  # Gaussians seeded on the ground stay on its plane ...
     ground_opacity: float = 0.5  # ... at least this opaque (opacity resets spare them)
-    ground_flatness: float = 0.02  # weight of their extent along the normal over their size
+    ground_flatness: float = 0.05  # weight of their extent along the normal over their size
     # ------------------------------------------------------------------ optimisation
     lr: float = 1.0  # multiplies every learning rate below
     means_lr: float = 4e-3  # x the mean camera distance
