@@ -21,7 +21,7 @@ from backend.train.__main__ import main
 from backend.train.diffusion import changed_pixel_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import tiny_diffusion_config  # noqa: E402
+from test_train import tiny_diffusion_config
 
 
 def _batch(sample):

@@ -9,8 +9,9 @@ Results: progress per denoising step, one `grid` result (the generated frames, u
 index, of, frame = timestep). Parameters: `backend.job_params.JOB_PARAMS["generate"]`.
 Frames of any size are cropped to the models' aspect ratio (the largest centred box) and
 resized to their size, the intrinsics cropped and scaled with them; the fitting stage sees
-the input frames whole, at their own resolution. The Gaussians come back in the rig's own world units. The job folder keeps grid.npy, the PNG
-frames, grid.mp4 and the PLY sequence under gaussians/.
+the input frames whole, at their own resolution. The Gaussians come back in the rig's own
+world units. The job folder keeps grid.npy, the PNG frames, grid.mp4 and the PLY sequence
+under gaussians/.
 """
 
 from __future__ import annotations
