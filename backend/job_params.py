@@ -185,6 +185,10 @@ JOB_PARAMS: dict[str, ParamSchema] = {
     "render": ParamSchema((
         Param("near", "float", 0.01, "near clipping distance", 1e-9, 1e12),
         Param("far", "float", 1e10, "far clipping distance (greater than near)", 1e-9, 1e12),
+        Param("rasterize_mode", "str", "classic",
+              "the 0.3 px screen-space blur at full opacity (classic, as 3DGS) or with its "
+              "opacity compensation (antialiased: how the fitting stage renders; a job's "
+              "fit.json names the mode of its Gaussians)", choices=("classic", "antialiased")),
     )),
     "convert": ParamSchema((
         Param("direction", "str", None, "what to convert (required)",

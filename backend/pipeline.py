@@ -372,7 +372,8 @@ def fit_cells(
         seq = [g.subset(keep) for g in seq]
     summary = {"background": [round(float(c), 4) for c in background],
                "environment": report.environment,
-               "preset": settings.fit, "gaussians": len(seq[0]),
+               "preset": settings.fit, "rasterize_mode": config.rasterize_mode,
+               "gaussians": len(seq[0]),
                "initial_gaussians": report.initial_count, "seconds": report.seconds,
                "steps": report.steps}
     return GaussianSequence(seq), summary

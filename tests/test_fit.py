@@ -260,6 +260,8 @@ def test_targets_and_configs_refuse_bad_input():
                   torch.ones(2, 1, 6), torch.ones(2, 2))
     with pytest.raises(ValueError, match="preset"):
         FitConfig.preset("best")
+    with pytest.raises(ValueError, match="rasterize_mode"):
+        FitConfig(rasterize_mode="mip")
     with pytest.raises(ValueError, match="no cell"):
         c2w, intr = ring(2, 8)
         fit_gaussians([FitTarget(torch.zeros(2, 1, 3, 8, 8), torch.tensor(c2w)[:, None].float(),

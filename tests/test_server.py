@@ -60,6 +60,23 @@ def test_render_job_streams_images_and_keeps_them_on_disk(client, backend):
     assert meta["state"] == "done" and meta["results"] == 3
 
 
+def test_render_job_renders_in_the_mode_asked(client):
+    """Fitted Gaussians render antialiased (their fit.json says so); the opacity compensation
+    dims splats thinner than the 0.3 px blur, so that mode's images are darker."""
+    arrays = render_arrays(1, n=300)
+    arrays["log_scales"] = np.full_like(arrays["log_scales"], np.log(1e-3))  # sub-pixel
+    images = {}
+    for mode in ("classic", "antialiased"):
+        outcome = client.run_job("render", {"rasterize_mode": mode}, arrays, timeout=TIMEOUT)
+        assert outcome.ok, outcome.final.fields
+        images[mode] = outcome.results[0].arrays["alpha"]
+    default = client.run_job("render", {}, arrays, timeout=TIMEOUT).results[0].arrays["alpha"]
+    assert np.array_equal(default, images["classic"])
+    assert images["antialiased"].sum() < 0.8 * images["classic"].sum()
+    refused = client.run_job("render", {"rasterize_mode": "mip"}, arrays, timeout=TIMEOUT)
+    assert not refused.ok and "rasterize_mode" in str(refused.final.fields)
+
+
 def test_convert_round_trip_is_bit_exact(client):
     steps = [random_gaussian_arrays(50 + t, seed=t) for t in range(3)]
     to_ply = client.run_job("convert", {"direction": "gaussians_to_ply"},

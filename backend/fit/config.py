@@ -8,6 +8,9 @@ from typing import Any
 PRESETS = ("fast", "default", "quality")
 
 
+RASTERIZE_MODES = ("antialiased", "classic")
+
+
 @dataclass
 class FitConfig:
     """How Gaussians are fitted to the user's frames.
@@ -48,6 +51,10 @@ class FitConfig:
     opacity_weight: float = 1e-3  # mean opacity penalty: fewer floaters
     filter_variance: float = 0.2  # 3D filter (Mip-Splatting), pixels^2 at the finest input view
     min_pixel_size: float = 0.5  # splats are kept at least this many pixels wide (sigma)
+    # "antialiased": the 0.3 px^2 screen-space blur with gsplat's opacity compensation (a
+    # splat's light is spread over the blur, not added to: renders at other resolutions keep
+    # its energy); "classic": the blur at full opacity, as 3DGS
+    rasterize_mode: str = "antialiased"
     pixel_size_weight: float = 1e-2
     # ------------------------------------------------------------------ density control
     densify_every: int = 50
@@ -79,6 +86,9 @@ class FitConfig:
             raise ValueError("FitConfig.environment_degree must be 0..3")
         if not 0 < self.init_cost_quantile <= 1 or not 0 < self.init_opacity < 1:
             raise ValueError("FitConfig: init_cost_quantile in (0, 1], init_opacity in (0, 1)")
+        if self.rasterize_mode not in RASTERIZE_MODES:
+            raise ValueError(f"FitConfig.rasterize_mode: expected one of {RASTERIZE_MODES}, "
+                             f"got {self.rasterize_mode!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> FitConfig:

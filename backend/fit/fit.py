@@ -108,7 +108,8 @@ class _Fitter:
             target = self.targets[index]
             views = [v for i, v in cells if i == index]
             images, viewmats, Ks, w, h = target.cameras(views, t, half)
-            out = rasterize(**params, viewmats=viewmats, Ks=Ks, width=w, height=h)
+            out = rasterize(**params, viewmats=viewmats, Ks=Ks, width=w, height=h,
+                            rasterize_mode=self.config.rasterize_mode)
             rgb = out.rgb + (1 - out.alpha) * self._behind(viewmats, Ks, w, h)
             weights = target.weights[views, t]
             loss = photometric(rgb.permute(0, 3, 1, 2), images, weights,

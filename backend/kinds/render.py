@@ -37,6 +37,7 @@ def validate_render(msg: protocol.Message, params: dict[str, Any]) -> dict[str, 
         raise protocol.ProtocolError("bad_array", "background must be 3 floats", "background")
     return {"gaussians": gaussians, "c2w": np.array(c2w, np.float32),
             "intrinsics": np.array(intr, np.float32), "near": near, "far": far,
+            "rasterize_mode": params["rasterize_mode"],
             "background": None if background is None else np.array(background, np.float32)}
 
 
@@ -53,6 +54,7 @@ def run_render(ctx: JobContext, inputs: dict[str, Any]) -> None:
             out = rasterize_gaussians(
                 inputs["gaussians"], inputs["c2w"][i:i + 1], inputs["intrinsics"][i:i + 1],
                 near=inputs["near"], far=inputs["far"], device=ctx.device,
+                rasterize_mode=inputs["rasterize_mode"],
                 background=None if background is None else torch.from_numpy(background))
         ctx.result({"rgb": out.rgb[0].float().cpu().numpy(),
                     "alpha": out.alpha[0].float().cpu().numpy(),

@@ -91,10 +91,12 @@ def rasterize_gaussians(
     background: Tensor | None = None,  # [3] or [C, 3]
     backend: str = "auto",
     device: str | torch.device | None = None,
+    rasterize_mode: str = "classic",  # "antialiased" for the fitting stage's Gaussians
 ) -> RenderOutput:
     """Render a `Gaussians` container from wire-convention cameras sharing one image size.
 
-    The device defaults to that of `c2w` when it is a tensor, else the CPU.
+    The device defaults to that of `c2w` when it is a tensor, else the CPU. Render Gaussians
+    in the mode they were fitted in (a job's `fit.json` says which: `rasterize_mode`).
     """
     if device is None:
         device = c2w.device if isinstance(c2w, Tensor) else "cpu"
@@ -118,4 +120,5 @@ def rasterize_gaussians(
         background = torch.as_tensor(background, device=device, dtype=dtype)
     return rasterize(tensors["means"], tensors["quats"], tensors["scales"],
                      tensors["opacities"], tensors["colors"], viewmats, Ks, width, height,
-                     near=near, far=far, background=background, backend=backend)
+                     near=near, far=far, background=background, backend=backend,
+                     rasterize_mode=rasterize_mode)

@@ -184,10 +184,10 @@ def score(prediction, truth, cells) -> dict[str, float]:
 
 
 def render_gaussians_at(steps, c2w: np.ndarray, intr: np.ndarray, size: tuple[int, int],
-                        background: np.ndarray | None = None):
+                        background: np.ndarray | None = None, mode: str = "classic"):
     """Our rasterizer's renders of Gaussians per timestep at cameras c2w [V, T, 4, 4],
-    intrinsics [V, T, 6] scaled to `size`, over `background` [3] (default black):
-    [V, T, 3, h, w] in [0, 1]."""
+    intrinsics [V, T, 6] scaled to `size`, over `background` [3] (default black), in
+    rasterize mode `mode`: [V, T, 3, h, w] in [0, 1]."""
     import torch
 
     from backend.cameras import scale_intrinsics
@@ -201,7 +201,7 @@ def render_gaussians_at(steps, c2w: np.ndarray, intr: np.ndarray, size: tuple[in
     with torch.no_grad():
         for t, g in enumerate(steps):
             rendered = rasterize_gaussians(g, c2w[:, t].astype(np.float32), intr[:, t],
-                                           device="cpu", background=bg)
+                                           device="cpu", background=bg, rasterize_mode=mode)
             out[:, t] = rendered.rgb.permute(0, 3, 1, 2).float().clamp(0, 1)
     return out
 
@@ -218,10 +218,11 @@ def asset_figures(asset: JobAsset, cameras, novel, truth, truth_novel, cycles_no
     from backend import pipeline
 
     size = tuple(truth.shape[-2:])
+    mode = asset.fit.get("rasterize_mode", "classic")  # feed-forward Gaussians: classic
     rig_views = render_gaussians_at(asset.steps, cameras.c2w, cameras.intrinsics, size,
-                                    asset.background)
+                                    asset.background, mode)
     at_novel = render_gaussians_at(asset.steps, novel.c2w, novel.intrinsics, size,
-                                   asset.background)
+                                   asset.background, mode)
     quantised = (at_novel * 255).round() / 255  # as the 8-bit Cycles render is
     every_frame = torch.ones(at_novel.shape[:2], dtype=torch.bool)
     figures = {

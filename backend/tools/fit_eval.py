@@ -43,11 +43,12 @@ def to_tensor(frames: np.ndarray) -> torch.Tensor:  # [..., H, W, 3] uint8 -> [.
     return torch.from_numpy(np.ascontiguousarray(frames)).float().div(255).movedim(-1, -3)
 
 
-def render(g: Gaussians, c2w: np.ndarray, intr: np.ndarray, background: Environment
-           ) -> torch.Tensor:  # [C, 3, H, W]
-    """The Gaussians over the fit's environment (what rays that miss them see)."""
+def render(g: Gaussians, c2w: np.ndarray, intr: np.ndarray, background: Environment,
+           mode: str) -> torch.Tensor:  # [C, 3, H, W]
+    """The Gaussians over the fit's environment (what rays that miss them see), in the
+    rasterize mode they were fitted in."""
     with torch.no_grad():
-        out = rasterize_gaussians(g, c2w, intr)
+        out = rasterize_gaussians(g, c2w, intr, rasterize_mode=mode)
         _C, H, W = out.rgb.shape[:3]
         behind = background.image(c2w_to_viewmat(torch.as_tensor(c2w, dtype=torch.float32)),
                                   intrinsics_to_K(torch.as_tensor(intr, dtype=torch.float32)),
@@ -94,7 +95,8 @@ def check_double_resolution(scene: dict, preset: str, seconds: float) -> dict:
     upsampled bilinearly. At the rig's views the fit knows the content, so speckle is what
     makes the 2x render lose; at held-out views a sharp guess can lose to a blurred one."""
     size = max(scene["frames"].shape[2:4])
-    world, background, _, _ = fit_scene(scene, preset, seconds, size // 2)
+    world, background, summary, _ = fit_scene(scene, preset, seconds, size // 2)
+    mode = summary["rasterize_mode"]
     rows: dict[str, list] = {k: [] for k in ("input_2x", "input_upsampled_2x",
                                              "held_out_2x", "upsampled_2x")}
     for prefix, names in (("", ("input_2x", "input_upsampled_2x")),
@@ -105,8 +107,8 @@ def check_double_resolution(scene: dict, preset: str, seconds: float) -> dict:
         half[..., :6] /= 2
         for t in range(frames.shape[1]):
             truth = to_tensor(frames[:, t])
-            double = render(world[t], all_c2w[:, t], intr[:, t], background)
-            small = render(world[t], all_c2w[:, t], half[:, t], background)
+            double = render(world[t], all_c2w[:, t], intr[:, t], background, mode)
+            small = render(world[t], all_c2w[:, t], half[:, t], background, mode)
             up = F.interpolate(small, size=truth.shape[-2:], mode="bilinear",
                                align_corners=False)
             rows[names[0]].append(score(double, truth))
@@ -122,16 +124,17 @@ def evaluate_scene(scene: dict, preset: str, seconds: float, seed: int = 0
     V, T = frames.shape[:2]
     world, background, summary, fit_seconds = fit_scene(scene, preset, seconds,
                                                         max(frames.shape[2:4]), seed)
+    mode = summary["rasterize_mode"]
     rows: dict[str, list] = {k: [] for k in ("input", "held_out", "mean_colour", "nearest")}
     pictures: dict[str, list[torch.Tensor]] = {"truth": [], "ours": [], "nearest": []}
     held_frames, held_c2w, held_intr = (scene["held_out_frames"], scene["held_out_c2w"],
                                         scene["held_out_intrinsics"])
     for t in range(T):
         truth_in = to_tensor(frames[:, t])
-        rows["input"].append(score(render(world[t], c2w[:, t], intr[:, t], background),
+        rows["input"].append(score(render(world[t], c2w[:, t], intr[:, t], background, mode),
                                    truth_in))
         truth = to_tensor(held_frames[:, t])
-        ours = render(world[t], held_c2w[:, t], held_intr[:, t], background)
+        ours = render(world[t], held_c2w[:, t], held_intr[:, t], background, mode)
         rows["held_out"].append(score(ours, truth))
         mean = truth_in.mean(dim=(0, 2, 3), keepdim=True).expand_as(truth)
         rows["mean_colour"].append(score(mean, truth))
