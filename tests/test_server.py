@@ -61,8 +61,8 @@ def test_render_job_streams_images_and_keeps_them_on_disk(client, backend):
 
 
 def test_render_job_renders_in_the_mode_asked(client):
-    """Fitted Gaussians render antialiased (their fit.json says so); the opacity compensation
-    dims splats thinner than the 0.3 px blur, so that mode's images are darker."""
+    """Gaussians render in the mode they were fitted in (a job's fit.json says which); the
+    antialiased mode's opacity compensation dims splats thinner than the 0.3 px blur."""
     arrays = render_arrays(1, n=300)
     arrays["log_scales"] = np.full_like(arrays["log_scales"], np.log(1e-3))  # sub-pixel
     images = {}
