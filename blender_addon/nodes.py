@@ -43,7 +43,7 @@ import bpy
 
 from .vendor.gaussians import SH_C0
 
-CORE_GROUP = "FourReal Gaussians v4"
+CORE_GROUP = "FourReal Gaussians v5"
 MATERIAL = "FourReal Gaussian Splat v4"  # Blended in EEVEE
 MATERIAL_DITHERED = "FourReal Gaussian Splat v4 Dithered"
 ATTR_ROTATION = "gs_rotation"
@@ -78,6 +78,7 @@ CORE_INPUTS = (
     ("Blend Stored Values", "NodeSocketBool", True),  # False: emit linearised colours
     ("Sorted Blending", "NodeSocketBool", True),  # False: EEVEE's dithered transparency
     ("Motion Blur", "NodeSocketBool", False),  # driven by the scene: keep identity order
+    ("Antialiased", "NodeSocketBool", False),  # the dilation spreads light (gsplat's mode)
 )
 
 # Real SH basis constants and terms (3DGS / gsplat convention), degree 1..3.
@@ -262,6 +263,24 @@ def _rotation(b: _Builder):
     return rotation.outputs[0]
 
 
+def _antialiasing(b: _Builder, log_scale, dilated, axes, towards):
+    """gsplat's antialiasing factor sqrt(det(S) / det(S + blur)) of a splat's footprint S,
+    with the dilation in 3D: for a unit direction v (camera to mean) the footprint across v
+    of a covariance C = R diag(s^2) R^T has det(C) v^T C^-1 v = prod(s^2) sum_k (a_k / s_k)^2,
+    a_k = R[:, k] . v, so the factor is prod(s / s') sqrt(sum (a_k / s_k)^2 /
+    sum (a_k / s'_k)^2) with s' the dilated scales."""
+    raw = [b.math("EXPONENT", c) for c in b.separate(log_scale)]
+    wide = b.separate(dilated)
+    shrink = b.mul(*[b.math("DIVIDE", s, w) for s, w in zip(raw, wide)])
+
+    def across(scales):
+        terms = [b.math("DIVIDE", b.dot(axis, towards), s) for axis, s in zip(axes, scales)]
+        return b.math("ADD", b.math("ADD", b.mul(terms[0], terms[0]), b.mul(terms[1], terms[1])),
+                      b.mul(terms[2], terms[2]))
+
+    return b.mul(shrink, b.math("SQRT", b.math("DIVIDE", across(raw), across(wide))))
+
+
 def _activations(b: _Builder, geometry, args) -> tuple:
     """Drop Gaussians under 1/255 opacity or behind the camera; store colour, opacity, the
     dilated scales, the mean and the whitening rows. Returns the geometry and a dict of
@@ -280,19 +299,26 @@ def _activations(b: _Builder, geometry, args) -> tuple:
                                               b.math("EXPONENT", c), variance))
                         for c in b.separate(b.named(ATTR_LOG_SCALE, "FLOAT_VECTOR"))])
     color = _color(b, camera["position"], args["SH Degree"], args["Blend Stored Values"])
-    geometry = b.store(geometry, ATTR_COLOR, "FLOAT_COLOR", color)
-    geometry = b.store(geometry, ATTR_OPACITY, "FLOAT", opacity)
-    geometry = b.store(geometry, ATTR_SCALE, "FLOAT_VECTOR", scale)
-    geometry = b.store(geometry, ATTR_MEAN, "FLOAT_VECTOR", position)
     rotation = _rotation(b)
     axes = []
-    for k, (name, s) in enumerate(zip(ATTR_WHITEN, b.separate(scale))):
+    for k in range(3):
         rotate = b.node("FunctionNodeRotateVector")
         rotate.inputs["Vector"].default_value = [float(i == k) for i in range(3)]
         b.feed(rotate.inputs["Rotation"], rotation)
         axes.append(rotate.outputs[0])
+    towards = b.switch("VECTOR", camera["orthographic"],
+                       b.vmath("NORMALIZE", b.vmath("SUBTRACT", position, camera["position"])),
+                       camera["view"])
+    compensation = _antialiasing(b, b.named(ATTR_LOG_SCALE, "FLOAT_VECTOR"), scale, axes,
+                                 towards)
+    opacity = b.switch("FLOAT", args["Antialiased"], opacity, b.mul(opacity, compensation))
+    geometry = b.store(geometry, ATTR_COLOR, "FLOAT_COLOR", color)
+    geometry = b.store(geometry, ATTR_OPACITY, "FLOAT", opacity)
+    geometry = b.store(geometry, ATTR_SCALE, "FLOAT_VECTOR", scale)
+    geometry = b.store(geometry, ATTR_MEAN, "FLOAT_VECTOR", position)
+    for name, axis, s in zip(ATTR_WHITEN, axes, b.separate(scale)):
         geometry = b.store(geometry, name, "FLOAT_VECTOR",
-                           b.vmath("SCALE", rotate.outputs[0], b.math("DIVIDE", 1.0, s)))
+                           b.vmath("SCALE", axis, b.math("DIVIDE", 1.0, s)))
     extent = b.math("SQRT", b.mul(2.0, b.math("LOGARITHM", b.mul(opacity, 255.0), math.e)))
     extent = b.math("MINIMUM", extent, args["Sigma Extent"])
     return geometry, {"scale": scale, "extent": extent, "rotation": rotation, "axes": axes,

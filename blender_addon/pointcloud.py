@@ -49,6 +49,7 @@ class PointCloudConfig:
     sigma_extent: float = 4.0  # largest proxy half-size in standard deviations
     splat_subdivisions: int = 0  # proxy: 0 a quad facing the camera, 1-3 an ico-sphere
     dilation: float = 0.3  # screen-space variance added to every splat, px^2 (3DGS: 0.3)
+    antialiased: bool = False  # the dilation spreads a splat's light (gsplat's antialiased)
     blend_stored_values: bool = True  # composite the stored (sRGB) values as 3DGS does
     transparent_bounces: int = 256  # Cycles' transparent bounce limit is raised to this
     sorted_blending: bool = True  # EEVEE: sorted and blended (exact), else dithered
@@ -115,6 +116,7 @@ _SETTING_INPUTS = (("viewport_ratio", "Viewport Ratio", _single),
                    ("sigma_extent", "Sigma Extent", _single),
                    ("splat_subdivisions", "Splat Subdivisions", int),
                    ("dilation", "Dilation", _single),
+                   ("antialiased", "Antialiased", bool),
                    ("blend_stored_values", "Blend Stored Values", bool),
                    ("sorted_blending", "Sorted Blending", bool))
 
@@ -126,13 +128,15 @@ def apply_settings(asset: bpy.types.Object, config: PointCloudConfig) -> None:
     settings.inputs["Viewport Splats"].default_value = config.viewport_display == "SPLATS"
     settings.inputs["Render Splats"].default_value = config.render_display == "SPLATS"
     for field_name, input_name, _ in _SETTING_INPUTS:
-        settings.inputs[input_name].default_value = getattr(config, field_name)
+        if input_name in settings.inputs:  # assets saved by older versions lack newer inputs
+            settings.inputs[input_name].default_value = getattr(config, field_name)
 
 
 def read_settings(asset: bpy.types.Object) -> PointCloudConfig:
     settings = asset_group_of(asset).nodes["Settings"]
     values = {field_name: kind(settings.inputs[input_name].default_value)
-              for field_name, input_name, kind in _SETTING_INPUTS}
+              for field_name, input_name, kind in _SETTING_INPUTS
+              if input_name in settings.inputs}  # older assets lack newer inputs
     return PointCloudConfig(
         viewport_display="SPLATS" if settings.inputs["Viewport Splats"].default_value
         else "POINTS",

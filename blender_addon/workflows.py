@@ -11,7 +11,7 @@ of the rig's timestep t."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import bpy
@@ -126,12 +126,16 @@ def import_results(scene: bpy.types.Scene, record: JobRecord, name: str,
     Results that all say `identities: true` (the fitting stage's persistent Gaussians) are
     imported as one moving point set when their arrays agree (same count, shared colour,
     opacity and scales); otherwise, and for results without identities, one object per
-    timestep."""
+    timestep. Results fitted in the antialiased rasterize mode are drawn with its opacity
+    compensation."""
     steps, result_frames = record.gaussian_steps()
     if not steps:
         return None
     frames = scene_frames(result_frames, record.context.get("frames", []))
-    flagged = all(bool(r.get("identities")) for r in record.ordered_results("gaussians"))
+    results = record.ordered_results("gaussians")
+    flagged = all(bool(r.get("identities")) for r in results)
+    if any(r.get("rasterize_mode") == "antialiased" for r in results):  # drawn as fitted
+        config = replace(config or pointcloud.PointCloudConfig(), antialiased=True)
     gaussians = [Gaussians.from_arrays(dict(a)) for a in steps]
     persistent = flagged and len(gaussians) > 1 and pointcloud.persistent.mismatch(
         gaussians) is None

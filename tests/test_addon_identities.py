@@ -42,8 +42,8 @@ def persistent_arrays(num_steps: int, num_points: int, seed: int = 0) -> list[di
     return steps
 
 
-def job_record(steps: list[dict], identities: bool | None) -> jobs.JobRecord:
-    extra = {} if identities is None else {"identities": identities}
+def job_record(steps: list[dict], identities: bool | None, **fields) -> jobs.JobRecord:
+    extra = {**fields, **({} if identities is None else {"identities": identities})}
     record = jobs.JobRecord(id="job1", kind="generate", state="done",
                             context={"frames": [1, 2, 3]})
     record.results = [protocol.Message("result", "job1", {"content": "gaussians", "index": t,
@@ -118,6 +118,17 @@ def test_without_motion_blur_the_gaussians_are_drawn_back_to_front_for_the_activ
     scene.render.use_motion_blur = True  # the driver switches sorting off
     _, points = evaluated_points(scene, 1)
     np.testing.assert_allclose(attribute(points, "position", 3), steps[0]["means"], atol=1e-6)
+
+
+def test_results_fitted_antialiased_are_drawn_with_the_opacity_compensation():
+    steps = persistent_arrays(2, 30, seed=4)
+    plain = workflows.import_results(empty_scene(), job_record(steps, True), "Plain")
+    assert not pointcloud.read_settings(plain).antialiased
+    fitted = workflows.import_results(
+        empty_scene(), job_record(steps, True, rasterize_mode="antialiased"), "Fitted",
+        pointcloud.PointCloudConfig(viewport_ratio=0.5))
+    settings = pointcloud.read_settings(fitted)
+    assert settings.antialiased and settings.viewport_ratio == 0.5  # the rest as asked
 
 
 def test_sequences_without_identities_keep_one_object_per_timestep(tmp_path):

@@ -108,17 +108,20 @@ def progress_reporter(ctx: JobContext):
     return report
 
 
-def send_gaussians(ctx: JobContext, seq, frame, identities: bool = False) -> None:
+def send_gaussians(ctx: JobContext, seq, frame, identities: bool = False,
+                   rasterize_mode: str = "classic") -> None:
     """Send the Gaussians per timestep in the rig's world, one result each, and write them
     as a PLY sequence. `identities`: Gaussian i is the same Gaussian at every timestep (the
     fitting stage's persistent Gaussians: same count, shared colour, opacity and scales), so
-    the add-on imports them as one point set that moves; each result carries the flag."""
+    the add-on imports them as one point set that moves; each result carries the flag, and
+    the rasterize mode the Gaussians are meant to be drawn in (the add-on's materials follow
+    it)."""
     from backend.gaussians import GaussianSequence, write_ply_sequence
 
     world = [frame.to_world(g) for g in seq]
     for t, g in enumerate(world):
         ctx.result(g.to_arrays(), content="gaussians", index=t, of=len(world), frame=t,
-                   identities=bool(identities))
+                   identities=bool(identities), rasterize_mode=rasterize_mode)
     write_ply_sequence(ctx.out_dir / "gaussians", GaussianSequence(world))
 
 
@@ -126,7 +129,8 @@ def send_gaussians(ctx: JobContext, seq, frame, identities: bool = False) -> Non
 
 def run_fit(ctx: JobContext, cells: list, c2w: np.ndarray, intrinsics: np.ndarray, settings):
     """The fitting stage on the job's device, with progress and cancel; its report goes to
-    fit.json in the job folder."""
+    fit.json in the job folder. Returns the Gaussians and the rasterize mode they were
+    fitted in."""
     import json
 
     from backend import pipeline
@@ -140,4 +144,4 @@ def run_fit(ctx: JobContext, cells: list, c2w: np.ndarray, intrinsics: np.ndarra
     except FitCancelled:
         raise JobCancelled(ctx.job.id) from None
     (ctx.out_dir / "fit.json").write_text(json.dumps(report, indent=2) + "\n")
-    return seq
+    return seq, report["rasterize_mode"]

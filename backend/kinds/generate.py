@@ -152,12 +152,14 @@ def run_generate(ctx: JobContext, inputs: dict[str, Any]) -> None:
     ctx.result({"grid": grid_u8}, content="grid", index=0, of=1)
     if fitting:
         cells = _generate_cells(video, inputs["freeze"], grid, grid_intr, settings)
-        seq = run_fit(ctx, cells, c2w_n, intr, settings)
+        seq, mode = run_fit(ctx, cells, c2w_n, intr, settings)
     else:
+        mode = "classic"  # the feed-forward Gaussians
         seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, grid_intr,
                                         settings, progress_reporter(ctx))
     ctx.check_cancelled()
-    send_gaussians(ctx, seq, frame, identities=fitting)
+    send_gaussians(ctx, seq, frame, identities=fitting,
+                   rasterize_mode=mode)
     ctx.progress("done", 1, 1, f"{V} views x {T} timesteps")
 
 
