@@ -51,11 +51,11 @@ class FitConfig:
     opacity_weight: float = 1e-3  # mean opacity penalty: fewer floaters
     filter_variance: float = 0.2  # 3D filter (Mip-Splatting), pixels^2 at the finest input view
     min_pixel_size: float = 0.5  # splats are kept at least this many pixels wide (sigma)
-    # "antialiased": the 0.3 px^2 screen-space blur with gsplat's opacity compensation (a
-    # splat's light is spread over the blur, not added to, so renders at other resolutions
-    # keep its energy; the add-on's materials compensate alike); "classic": at full opacity,
-    # as 3DGS
-    rasterize_mode: str = "antialiased"
+    # "classic": the 0.3 px^2 screen-space blur at full opacity, as 3DGS; "antialiased":
+    # with gsplat's opacity compensation (a splat's light is spread over the blur, not added
+    # to, so renders at other resolutions keep its energy; the add-on's materials compensate
+    # alike for results that say so)
+    rasterize_mode: str = "classic"
     pixel_size_weight: float = 1e-2
     # ------------------------------------------------------------------ density control
     densify_every: int = 50
