@@ -263,13 +263,12 @@ def _rotation(b: _Builder):
     return rotation.outputs[0]
 
 
-def _antialiasing(b: _Builder, log_scale, dilated, axes, towards):
+def _antialiasing(b: _Builder, raw, dilated, axes, towards):
     """gsplat's antialiasing factor sqrt(det(S) / det(S + blur)) of a splat's footprint S,
     with the dilation in 3D: for a unit direction v (camera to mean) the footprint across v
     of a covariance C = R diag(s^2) R^T has det(C) v^T C^-1 v = prod(s^2) sum_k (a_k / s_k)^2,
     a_k = R[:, k] . v, so the factor is prod(s / s') sqrt(sum (a_k / s_k)^2 /
-    sum (a_k / s'_k)^2) with s' the dilated scales."""
-    raw = [b.math("EXPONENT", c) for c in b.separate(log_scale)]
+    sum (a_k / s'_k)^2) with s the scales and s' the dilated ones."""
     wide = b.separate(dilated)
     shrink = b.mul(*[b.math("DIVIDE", s, w) for s, w in zip(raw, wide)])
 
@@ -295,9 +294,8 @@ def _activations(b: _Builder, geometry, args) -> tuple:
     dilation = b.mul(b.math("SQRT", args["Dilation"]), camera["pixel"],
                      b.switch("FLOAT", camera["orthographic"], b.math("ABSOLUTE", depth), 1.0))
     variance = b.mul(dilation, dilation)
-    scale = b.combine(*[b.math("SQRT", b.math("MULTIPLY_ADD", b.math("EXPONENT", c),
-                                              b.math("EXPONENT", c), variance))
-                        for c in b.separate(b.named(ATTR_LOG_SCALE, "FLOAT_VECTOR"))])
+    raw = [b.math("EXPONENT", c) for c in b.separate(b.named(ATTR_LOG_SCALE, "FLOAT_VECTOR"))]
+    scale = b.combine(*[b.math("SQRT", b.math("MULTIPLY_ADD", s, s, variance)) for s in raw])
     color = _color(b, camera["position"], args["SH Degree"], args["Blend Stored Values"])
     rotation = _rotation(b)
     axes = []
@@ -309,8 +307,7 @@ def _activations(b: _Builder, geometry, args) -> tuple:
     towards = b.switch("VECTOR", camera["orthographic"],
                        b.vmath("NORMALIZE", b.vmath("SUBTRACT", position, camera["position"])),
                        camera["view"])
-    compensation = _antialiasing(b, b.named(ATTR_LOG_SCALE, "FLOAT_VECTOR"), scale, axes,
-                                 towards)
+    compensation = _antialiasing(b, raw, scale, axes, towards)
     opacity = b.switch("FLOAT", args["Antialiased"], opacity, b.mul(opacity, compensation))
     geometry = b.store(geometry, ATTR_COLOR, "FLOAT_COLOR", color)
     geometry = b.store(geometry, ATTR_OPACITY, "FLOAT", opacity)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from backend.render.inputs import RASTERIZE_MODES
+
 PRESETS = ("fast", "default", "quality")
-
-
-RASTERIZE_MODES = ("antialiased", "classic")
 
 
 @dataclass
