@@ -31,12 +31,15 @@ def ring(num: int, size: int, height: float = 2.0, start: float = 0.0):
 
 
 def renders(g: Gaussians, c2w, intr) -> torch.Tensor:  # -> [C, 3, H, W]
-    return rasterize_gaussians(g, c2w, intr, background=BACKGROUND).rgb.permute(0, 3, 1, 2)
+    """The scene's frames, drawn in the mode the fit renders in by default."""
+    return rasterize_gaussians(g, c2w, intr, background=BACKGROUND,
+                               rasterize_mode=FitConfig().rasterize_mode).rgb.permute(0, 3, 1, 2)
 
 
-def over_environment(g: Gaussians, c2w, intr, report) -> torch.Tensor:  # [C, H, W, 3]
-    """Renders over the fit's learned environment (what rays that miss the Gaussians see)."""
-    out = rasterize_gaussians(g, c2w, intr)
+def over_environment(g: Gaussians, c2w, intr, report, mode: str) -> torch.Tensor:
+    """Renders [C, H, W, 3] in the fit's rasterize mode over its learned environment (what
+    rays that miss the Gaussians see)."""
+    out = rasterize_gaussians(g, c2w, intr, rasterize_mode=mode)
     H, W = out.rgb.shape[1:3]
     behind = Environment.from_list(report.environment).image(
         c2w_to_viewmat(torch.as_tensor(c2w).float()),
@@ -81,11 +84,12 @@ def test_fitting_recovers_the_renders_of_a_scene_and_beats_copying_at_new_camera
     seq, _background, report = fit_gaussians([target(renders(scene, c2w, intr), c2w, intr)],
                                             config)
     assert len(seq) == 1 and report.steps["fit"] == 200
-    fitted = over_environment(seq[0], c2w, intr, report)
+    fitted = over_environment(seq[0], c2w, intr, report, config.rasterize_mode)
     truth = renders(scene, c2w, intr).permute(0, 2, 3, 1)
     assert psnr(fitted, truth) > 35.0
     held_truth = renders(scene, held_c2w, held_intr)
-    held = over_environment(seq[0], held_c2w, held_intr, report)
+    held = over_environment(seq[0], held_c2w, held_intr, report,
+                            config.rasterize_mode)
     mean_colour = held_truth.mean(dim=(0, 2, 3), keepdim=True).expand_as(held_truth)
     assert psnr(held.permute(0, 3, 1, 2), held_truth) > psnr(mean_colour, held_truth) + 6.0
 
@@ -275,7 +279,7 @@ def test_fit_runs_on_cuda_through_gsplat():
     tgt = target(renders(scene, c2w, intr), c2w, intr)
     config = FitConfig.preset("fast", init_resolution=64)
     seq, _background, report = fit_gaussians([tgt], config, device="cuda")
-    fitted = over_environment(seq[0], c2w, intr, report)
+    fitted = over_environment(seq[0], c2w, intr, report, config.rasterize_mode)
     assert psnr(fitted.permute(0, 3, 1, 2), renders(scene, c2w, intr)) > 30.0
     assert report.steps["fit"] == config.static_steps
 

@@ -261,7 +261,7 @@ def test_generate_streams_a_grid_and_gaussians_per_timestep(client, backend):
     np.testing.assert_array_equal(gaussians[0].arrays["sh0"], gaussians[1].arrays["sh0"])
     report = json.loads((folder / "fit.json").read_text())
     assert report["preset"] == "default" and report["gaussians"] == counts.pop()
-    assert report["rasterize_mode"] == "classic"  # how clients should render them
+    assert report["rasterize_mode"] == "antialiased"  # how clients should render them
     assert set(report["seconds"]) >= {"init", "fit", "track"}
 
 

@@ -54,7 +54,7 @@ class FitConfig:
     # with gsplat's opacity compensation (a splat's light is spread over the blur, not added
     # to, so renders at other resolutions keep its energy; the add-on's materials compensate
     # alike for results that say so)
-    rasterize_mode: str = "classic"
+    rasterize_mode: str = "antialiased"
     pixel_size_weight: float = 1e-2
     # ------------------------------------------------------------------ density control
     densify_every: int = 50
