@@ -163,6 +163,10 @@ _FIT_PARAMS = (
     Param("fit_resolution", "int", 512, "longest side the frames are fitted at (larger "
           "frames are downsampled)", 16, 4096),
     Param("min_opacity", "float", 0.0, "drop Gaussians below this opacity", 0.0, 0.99),
+    Param("fit_init", "str", "stereo", "where the fit's first Gaussians come from: plane-sweep "
+          "stereo on the rig (`stereo`), plus the feed-forward reconstruction's Gaussians "
+          "where they agree with the frames (`stereo+recon`)",
+          choices=("stereo", "stereo+recon")),
 )
 _RECON_PARAMS = (*_FIT_PARAMS, _MODEL_PARAMS["recon_model"])
 

@@ -7,7 +7,10 @@
       -> diffusion sampling fills the grid (progress per step, cancellable)
       -> the grid resized to the reconstruction model's frame size
       -> feed-forward reconstruction: Gaussians per timestep
-      -> optional per-scene refinement against the grid
+      -> the fitting stage: Gaussians optimised against the given frames at their resolution
+         and the generated ones at the model's (started from plane-sweep stereo on the rig,
+         with the feed-forward Gaussians where they agree with the frames if asked; with
+         `fit: off` the feed-forward Gaussians are the result)
       -> Gaussians mapped back to the user's world (means and scales)
 
 The shipped models saw scenes whose cameras stand `NOMINAL_CAMERA_DISTANCE` units from the
@@ -184,6 +187,12 @@ class GenerateSettings:
     fit_resolution: int = _GENERATE["fit_resolution"].default
     generated_weight: float = _GENERATE["generated_weight"].default
     min_opacity: float = _GENERATE["min_opacity"].default
+    fit_init: str = _GENERATE["fit_init"].default
+
+    @property
+    def fit_prior(self) -> bool:
+        """Whether the fit starts from the feed-forward reconstruction's Gaussians too."""
+        return self.fit != "off" and self.fit_init == "stereo+recon"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> GenerateSettings:
@@ -343,11 +352,14 @@ def fit_cells(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    prior: GaussianSequence | None = None,
 ) -> tuple[GaussianSequence, dict[str, Any]]:
     """The fitting stage over groups of cells (the user's frames at their resolution, the
-    generated ones at the model's), each resized to at most `settings.fit_resolution`.
-    Returns the Gaussians (normalised frame; index i is the same Gaussian at every
-    timestep) and a report (the learned background colour, time and steps per phase)."""
+    generated ones at the model's), each resized to at most `settings.fit_resolution`;
+    `prior`: feed-forward Gaussians per timestep (normalised frame) to start from where
+    they agree with the frames. Returns the Gaussians (normalised frame; index i is the
+    same Gaussian at every timestep) and a report (the learned background colour, time and
+    steps per phase)."""
     from backend.fit import FitConfig, FitTarget, fit_gaussians
 
     targets = []
@@ -366,7 +378,8 @@ def fit_cells(
     config = FitConfig.preset(settings.fit, seed=int(settings.seed) % 2**63,
                               max_seconds=settings.fit_seconds)
     seq, background, report = fit_gaussians(targets, config, device=device,
-                                            progress=progress, should_cancel=should_cancel)
+                                            progress=progress, should_cancel=should_cancel,
+                                            prior=None if prior is None else list(prior))
     if settings.min_opacity > 0:  # opacity is shared, so every timestep keeps the same ones
         keep = 1 / (1 + np.exp(-seq[0].opacity_logits)) >= settings.min_opacity
         seq = [g.subset(keep) for g in seq]
@@ -374,7 +387,8 @@ def fit_cells(
                "environment": report.environment,
                "preset": settings.fit, "rasterize_mode": config.rasterize_mode,
                "gaussians": len(seq[0]),
-               "initial_gaussians": report.initial_count, "seconds": report.seconds,
+               "initial_gaussians": report.initial_count, "init": settings.fit_init,
+               "prior_gaussians": report.prior_count, "seconds": report.seconds,
                "steps": report.steps}
     return GaussianSequence(seq), summary
 

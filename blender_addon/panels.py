@@ -100,6 +100,7 @@ class FOURREAL_PT_job(_Panel, bpy.types.Panel):
         row = layout.row(align=True)
         row.prop(settings, "fit_preset", text="Fit")
         row.prop(settings, "fit_seconds", text="Seconds")
+        layout.prop(settings, "fit_init", text="Start From")
         layout.prop(settings, "render_folder")
         row = layout.row(align=True)
         row.scale_y = 1.4

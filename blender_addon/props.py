@@ -78,6 +78,8 @@ class FourRealSettings(bpy.types.PropertyGroup):
                              **job_param("generate", "fit"))
     fit_seconds: FloatProperty(name="Fit Seconds", soft_max=1800.0, subtype="TIME_ABSOLUTE",
                                **job_param("generate", "fit_seconds"))
+    fit_init: EnumProperty(name="Fit Start", items=job_choices("generate", "fit_init"),
+                           **job_param("generate", "fit_init"))
     render_folder: StringProperty(
         name="Render Folder", subtype="DIR_PATH",
         description="Where rig renders are written (empty: a temporary folder)")

@@ -64,7 +64,8 @@ def scene_fps(scene: bpy.types.Scene) -> float:
 
 def fit_params(settings) -> dict[str, Any]:
     """The fitting stage's parameters, shared by Generate and Reconstruct."""
-    return {"fit": settings.fit_preset, "fit_seconds": float(settings.fit_seconds)}
+    return {"fit": settings.fit_preset, "fit_seconds": float(settings.fit_seconds),
+            "fit_init": settings.fit_init}
 
 
 def generate_request(context: bpy.types.Context) -> JobRequest:

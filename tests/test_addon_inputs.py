@@ -64,9 +64,10 @@ def test_generate_request_from_image_sequence_and_freeze_time(tmp_path):
     settings.rig_source, settings.rig_collection = "COLLECTION", cameras[0].users_collection[0]
     settings.input_source, settings.image_folder = "IMAGES", str(tmp_path / "video")
     settings.freeze_folder, settings.seed = str(tmp_path / "freeze"), 7
+    settings.fit_init = "stereo+recon"
     request = workflows.generate_request(bpy.context)
     assert request.kind == "generate" and request.frames == [1, 2, 3]
-    assert request.params["seed"] == 7
+    assert request.params["seed"] == 7 and request.params["fit_init"] == "stereo+recon"
     job_params = addon_module("vendor.job_params")
     job_params.JOB_PARAMS["generate"].validate(request.params)  # the backend accepts them
     assert set(request.arrays) == {"c2w", "intrinsics", "video", "freeze"}

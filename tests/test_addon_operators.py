@@ -30,10 +30,10 @@ def test_job_settings_take_defaults_and_bounds_from_the_backends_schema():
         assert prop.default == pytest.approx(param.default), name
         assert (prop.hard_min, prop.hard_max) == pytest.approx((param.low, high)), name
         assert prop.description.lower().startswith(param.doc[:20].lower()), name
-    fit = rna["fit_preset"]
-    assert [item.identifier for item in fit.enum_items] == list(
-        job_params.JOB_PARAMS["generate"]["fit"].choices)
-    assert fit.default == job_params.JOB_PARAMS["generate"]["fit"].default
+    for prop_name, name in (("fit_preset", "fit"), ("fit_init", "fit_init")):
+        prop, param = rna[prop_name], job_params.JOB_PARAMS["generate"][name]
+        assert [item.identifier for item in prop.enum_items] == list(param.choices), name
+        assert prop.default == param.default, name
 
 
 def test_add_rig_operator_creates_cameras_and_selects_the_rig():

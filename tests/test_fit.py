@@ -14,7 +14,7 @@ from backend.fit import FitCancelled, FitConfig, FitTarget, fit_gaussians
 from backend.fit import environment as environment_module
 from backend.fit.density import GradientStats, densify_and_prune, reset_opacity
 from backend.fit.environment import Environment
-from backend.fit.init import plane_sweep_init
+from backend.fit.init import InitPoints, plane_sweep_init, prior_points
 from backend.fit.losses import nearest_neighbours, neighbour_weights, rigidity_losses
 from backend.fit.state import FitGaussians, quat_multiply, quat_to_matrix
 from backend.gaussians import Gaussians
@@ -74,6 +74,33 @@ def test_plane_sweep_puts_points_on_the_textured_surfaces():
     assert normal[2] > 0.99 and abs(float(offset) - 0.5) < 0.08  # 2% of the distance
     assert points.ground.float().mean() > 0.3
     assert (points.means[points.ground] @ normal + offset).abs().max() < 1e-4
+
+
+def test_feed_forward_points_join_only_where_they_agree_with_the_frames():
+    """A feed-forward prior is used only where it agrees with the inputs: the scene's own
+    ground points mostly pass; the same points twice as far (the tiny model's failure on
+    open scenes) or lifted off the ground mostly do not."""
+    scene = textured_scene()
+    c2w, intr = ring(8, 48)
+    images = renders(scene, c2w, intr)
+    c2w_t, intr_t = torch.tensor(c2w).float(), torch.tensor(intr).float()
+    stereo = plane_sweep_init(images, c2w_t, intr_t, FitConfig(init_resolution=48),
+                              torch.Generator().manual_seed(0))
+    ground = torch.tensor(scene.means[:1600])  # textured_scene's ground comes first
+    sizes = torch.full((len(ground),), 0.05)
+
+    def kept(means: torch.Tensor) -> float:
+        points = prior_points(means, sizes, images, c2w_t, intr_t, stereo, len(means))
+        return len(points.means) / len(means)
+
+    assert kept(ground) > 0.6
+    assert kept(ground * 2.0) < 0.25
+    assert kept(ground + torch.tensor([0.0, 0.0, 0.3])) < 0.25
+    right = prior_points(ground, sizes, images, c2w_t, intr_t, stereo, 100)
+    assert len(right.means) == 100 and right.colors.shape == (100, 3)  # the cap
+    # with no stereo to check depth against, colour agreement alone decides
+    unmatched = InitPoints(stereo.means, stereo.colors, stereo.sizes, matched=False)
+    assert len(prior_points(ground, sizes, images, c2w_t, intr_t, unmatched, 10**6).means) > 0
 
 
 def test_fitting_recovers_the_renders_of_a_scene_and_beats_copying_at_new_cameras():

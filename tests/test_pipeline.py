@@ -21,6 +21,7 @@ from backend.diffusion.model import VideoDiT
 from backend.gaussians import Gaussians, read_ply_sequence
 from backend.models import load_model
 from backend.recon import ReconConfig, ReconModel
+from backend.tools.bench.fit import synthetic_grid
 from tests.support import random_gaussian_arrays, ring_cameras, start_backend
 
 SIZE = 16
@@ -328,6 +329,30 @@ def test_reconstruct_job_returns_gaussians_in_world_units(client):
     # the rig stands 40 units out: depths of a few units at the nominal scale become tens
     radius = np.linalg.norm(means[:, :2], axis=1)
     assert np.median(radius) > 5.0
+
+
+@pytest.mark.parametrize("kind", ["reconstruct", "generate"])
+def test_fit_can_start_from_the_feed_forward_reconstruction(client, backend, kind):
+    """fit_init "stereo+recon": the feed-forward model runs before the fit, and fit.json says
+    how many of its Gaussians agreed with the frames and joined the initial points."""
+    scene = synthetic_grid(3, 2, 32)
+    params = {"fit": "fast", "fit_seconds": 10, "fit_init": "stereo+recon", "steps": 1}
+    if kind == "reconstruct":
+        params.pop("steps")
+        arrays = {"c2w": scene["c2w"], "intrinsics": scene["intrinsics"],
+                  "images": scene["frames"]}
+    else:
+        arrays = {"c2w": scene["c2w"], "intrinsics": scene["intrinsics"],
+                  "video": scene["frames"][0]}
+    outcome = client.run_job(kind, params, arrays, timeout=300)
+    assert outcome.ok, outcome.final
+    stages = [m["stage"] for m in outcome.progress]
+    assert stages.index("reconstruct") < stages.index("fit")
+    report = json.loads((backend.cache_dir / "jobs" / outcome.job / "fit.json").read_text())
+    assert report["init"] == "stereo+recon"
+    assert 0 <= report["prior_gaussians"] <= report["initial_gaussians"]
+    gaussians = [m for m in outcome.results if m["content"] == "gaussians"]
+    assert len(gaussians) == 2 and all(m["identities"] for m in gaussians)
 
 
 @pytest.mark.parametrize("change, code, words", [

@@ -22,10 +22,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from backend.cameras import scale_intrinsics
 from backend.fit.config import FitConfig
 from backend.fit.density import GradientStats, densify_and_prune, reset_opacity
 from backend.fit.environment import Environment
-from backend.fit.init import plane_sweep_init, top_rows
+from backend.fit.init import (
+    INIT_MAX_SIZE,
+    InitPoints,
+    plane_sweep_init,
+    prior_points,
+    top_rows,
+)
 from backend.fit.losses import (
     nearest_neighbours,
     neighbour_weights,
@@ -51,6 +58,7 @@ class FitReport:
     steps: dict[str, int] = field(default_factory=dict)
     count: int = 0
     initial_count: int = 0
+    prior_count: int = 0  # of the initial Gaussians, those from the feed-forward prior
     losses: dict[str, float] = field(default_factory=dict)
     density: list[dict[str, int]] = field(default_factory=list)
     environment: list[list[float]] | None = None  # learned background SH coefficients
@@ -195,8 +203,9 @@ class _Fitter:
         return self.started + end * self.config.max_seconds
 
     # ---------------------------------------------------------------------- phases
-    def initialise(self, t: int) -> FitGaussians:
-        """Plane-sweep points from every cell of timestep t, resampled to one size."""
+    def initialise(self, t: int, prior: Gaussians | None = None) -> FitGaussians:
+        """Plane-sweep points from every cell of timestep t, resampled to one size, and the
+        points of `prior` (feed-forward Gaussians of timestep t) that agree with them."""
         images, c2w, intr = [], [], []
         cells = self._cells(t)
         H, W = self.targets[cells[0][0]].size
@@ -210,8 +219,11 @@ class _Fitter:
             images.append(image)
             c2w.append(target.c2w[v, t])
             intr.append(target.intrinsics[v, t])
-        points = plane_sweep_init(torch.stack(images).cpu(), torch.stack(c2w).cpu(),
-                                  torch.stack(intr).cpu(), self.config, self.generator)
+        images, c2w = torch.stack(images).cpu(), torch.stack(c2w).cpu()
+        intr = torch.stack(intr).cpu()
+        points = plane_sweep_init(images, c2w, intr, self.config, self.generator)
+        if prior is not None and len(prior):
+            points = self._with_prior(points, prior, images, c2w, intr)
         g = FitGaussians.from_points(points.means.to(self.device),
                                      points.colors.to(self.device),
                                      points.sizes.to(self.device), self.config.init_opacity,
@@ -223,6 +235,26 @@ class _Fitter:
         self.report.initial_count = len(g)
         self.update_filter(g)
         return g
+
+    def _with_prior(self, points: InitPoints, prior: Gaussians, images: Tensor, c2w: Tensor,
+                    intr: Tensor) -> InitPoints:
+        """`points` and those of `prior` that agree with the images (`prior_points`), up to a
+        quarter of the initial budget; they are not on the ground."""
+        h, w = images.shape[-2:]
+        distance = float(c2w[:, :3, 3].norm(dim=-1).mean())
+        sizes = torch.from_numpy(prior.log_scales).mean(dim=-1).exp()
+        extra = prior_points(torch.from_numpy(prior.means),
+                             sizes.clamp(max=INIT_MAX_SIZE * distance), images, c2w,
+                             scale_intrinsics(intr, w, h), points,
+                             self.config.init_max_points // 4)
+        self.report.prior_count = len(extra.means)
+        ground = points.ground
+        if ground is not None:
+            ground = torch.cat([ground, torch.zeros(len(extra.means), dtype=torch.bool)])
+        return InitPoints(torch.cat([points.means, extra.means]),
+                          torch.cat([points.colors, extra.colors]),
+                          torch.cat([points.sizes, extra.sizes]), ground, points.plane,
+                          points.matched)
 
     def fit_static(self, g: FitGaussians, t: int) -> None:
         cfg, started = self.config, time.perf_counter()
@@ -357,11 +389,14 @@ def fit_gaussians(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    prior: list[Gaussians] | None = None,
 ) -> tuple[list[Gaussians], Tensor, FitReport]:
     """Fit persistent Gaussians to the targets' cells; returns one Gaussians container per
     timestep (index i is the same Gaussian in each, in the targets' normalised frame), the
     background colour [3] (a learned environment's mean colour; its coefficients are in
-    the report) and a report (time and steps per phase, counts, losses)."""
+    the report) and a report (time and steps per phase, counts, losses). `prior`: Gaussians
+    per timestep from a feed-forward reconstruction, in the same frame; at the timestep the
+    fit starts from, those that agree with its frames join the stereo's initial points."""
     config = config or FitConfig()
     if not targets:
         raise ValueError("fit_gaussians: no targets")
@@ -376,7 +411,9 @@ def fit_gaussians(
     weights = [timestep_weight(fitter.targets, t) for t in range(num_steps)]
     first = max(range(num_steps), key=lambda t: (weights[t], -t))
     started = time.perf_counter()
-    g = fitter.initialise(first)
+    if prior is not None and len(prior) != num_steps:
+        raise ValueError(f"fit_gaussians: {len(prior)} prior timesteps for {num_steps}")
+    g = fitter.initialise(first, None if prior is None else prior[first])
     fitter.report.seconds["init"] = round(time.perf_counter() - started, 3)
     fitter.fit_static(g, first)
     fitter.track(g, first)

@@ -7,6 +7,10 @@ match is good (low cost), distinct (clearly better than the median hypothesis, w
 rejects sky and flat colour) and geometrically consistent (another view's depth map agrees).
 The kept pixels become Gaussians one pixel wide, with the pixel's colour. Nothing here
 depends on what the learned models were trained on.
+
+A feed-forward reconstruction can add points (`prior_points`), but only those that agree
+with the frames: colour matched in at least two views, none of them in front of a surface
+the stereo found.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ PLANE_SEARCH = 0.06  # the plane's offset is searched this far either way (x dis
 GROUND_NEAR = 2.0  # ... matching the ground within this x the mean camera distance
 GROUND_TRUSTED_BEYOND = 1.5  # x each camera's distance to the rig centre (z-depth)
 GROUND_PREFERENCE = 1.5  # the ground takes a pixel it matches within this x its best cost
+PRIOR_COLOUR = 0.06  # mean absolute colour difference at which a view agrees with a point
+PRIOR_DEPTH = 0.1  # relative depth difference from the stereo's surface that still agrees
+PRIOR_VOTES = 2  # views that must agree
+PRIOR_SHARE = 0.75  # ... and this share of the views that see the point
 
 
 @dataclass
@@ -47,6 +55,7 @@ class InitPoints:
     sizes: Tensor  # [N] one pixel's footprint at the point's depth
     ground: Tensor | None = None  # [N] bool: seeded on the ground plane (None: no plane)
     plane: tuple[Tensor, Tensor] | None = None  # the ground: unit normal [3], offset []
+    matched: bool = True  # False: no stereo (points spread through a ball instead)
 
 
 def _directions(intr: Tensor, h: int, w: int) -> Tensor:  # [V, 6] -> [V, h, w, 3] (z = 1)
@@ -378,4 +387,53 @@ def _sphere_init(distance: float, config: FitConfig, generator: torch.Generator,
     radius = distance * 0.5 * torch.rand(n, 1, generator=generator) ** (1 / 3)
     colour = images.mean(dim=(0, 2, 3))
     return InitPoints(direction * radius, colour.expand(n, 3).clone(),
-                      torch.full((n,), distance * 0.02))
+                      torch.full((n,), distance * 0.02), matched=False)
+
+
+def stereo_depth(points: Tensor, c2w: Tensor, intr: Tensor, h: int, w: int) -> Tensor:
+    """[V, h, w]: the nearest of `points` [N, 3] in each view's pixels (inf where none)."""
+    viewmats = c2w_to_viewmat(c2w)
+    depth = torch.full((len(c2w), h * w), float("inf"))
+    for v in range(len(c2w)):
+        uv, z = _project(points, viewmats[v], intr[v])
+        px, py = uv[:, 0].floor().long(), uv[:, 1].floor().long()
+        inside = (z > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
+        depth[v].scatter_reduce_(0, (py * w + px)[inside], z[inside], "amin")
+    return depth.view(len(c2w), h, w)
+
+
+def prior_points(means: Tensor, sizes: Tensor, images: Tensor, c2w: Tensor, intr: Tensor,
+                 stereo: InitPoints, count: int) -> InitPoints:
+    """The points of a feed-forward reconstruction (means [N, 3], sizes [N]) that agree with
+    the frames (images [V, 3, h, w] with their c2w and intrinsics), coloured from them.
+
+    A view sees a point when it lands inside the image, in front of the camera and not
+    behind the stereo's surface there (depth within PRIOR_DEPTH, or no stereo point);
+    a point that lands more than PRIOR_DEPTH in front of that surface in any view is
+    dropped (it would hide what the frames show). The views that see a point agree when
+    their colours there are within PRIOR_COLOUR of their median: a point in the right place
+    shows the same surface to every view. Points that PRIOR_VOTES views and PRIOR_SHARE of
+    the views that see them agree on are kept, at most `count`, most agreeing views first."""
+    V, _, h, w = images.shape
+    known = stereo_depth(stereo.means if stereo.matched else stereo.means[:0], c2w, intr, h, w)
+    viewmats = c2w_to_viewmat(c2w)
+    seen = torch.full((V, len(means), 3), float("nan"))
+    in_front = torch.zeros(len(means), dtype=torch.bool)
+    for v in range(V):
+        uv, z = _project(means, viewmats[v], intr[v])
+        colour = _sample(images[v], uv, h, w)
+        inside = ~torch.isnan(colour[:, 0]) & (z > 0)
+        px = uv[:, 0].floor().long().clamp(0, w - 1)
+        py = uv[:, 1].floor().long().clamp(0, h - 1)
+        surface = known[v, py, px]
+        has = inside & torch.isfinite(surface)
+        in_front |= has & (z < surface * (1 - PRIOR_DEPTH))
+        visible = inside & (~has | (z <= surface * (1 + PRIOR_DEPTH)))
+        seen[v, visible] = colour[visible]
+    median = seen.nanmedian(dim=0).values  # [N, 3]
+    votes = ((seen - median).abs().mean(dim=-1) < PRIOR_COLOUR).sum(dim=0)  # NaN: False
+    views = (~torch.isnan(seen[..., 0])).sum(dim=0)
+    keep = (votes >= PRIOR_VOTES) & (votes >= PRIOR_SHARE * views) & ~in_front
+    order = torch.argsort(votes[keep], descending=True, stable=True)[:max(count, 0)]
+    chosen = keep.nonzero().squeeze(1)[order]
+    return InitPoints(means[chosen], median[chosen], sizes[chosen])

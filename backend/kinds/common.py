@@ -127,10 +127,12 @@ def send_gaussians(ctx: JobContext, seq, frame, identities: bool = False,
 
 
 
-def run_fit(ctx: JobContext, cells: list, c2w: np.ndarray, intrinsics: np.ndarray, settings):
-    """The fitting stage on the job's device, with progress and cancel; its report goes to
-    fit.json in the job folder. Returns the Gaussians and the rasterize mode they were
-    fitted in."""
+def run_fit(ctx: JobContext, cells: list, c2w: np.ndarray, intrinsics: np.ndarray, settings,
+            prior=None):
+    """The fitting stage on the job's device, with progress and cancel (`prior`: the
+    feed-forward Gaussians per timestep to start from where they agree with the frames);
+    its report goes to fit.json in the job folder. Returns the Gaussians and the rasterize
+    mode they were fitted in."""
     import json
 
     from backend import pipeline
@@ -140,7 +142,7 @@ def run_fit(ctx: JobContext, cells: list, c2w: np.ndarray, intrinsics: np.ndarra
     try:
         seq, report = pipeline.fit_cells(cells, c2w, intrinsics, settings, ctx.device,
                                          progress_reporter(ctx),
-                                         ctx.job.cancel_event.is_set)
+                                         ctx.job.cancel_event.is_set, prior=prior)
     except FitCancelled:
         raise JobCancelled(ctx.job.id) from None
     (ctx.out_dir / "fit.json").write_text(json.dumps(report, indent=2) + "\n")

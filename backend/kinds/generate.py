@@ -136,7 +136,8 @@ def run_generate(ctx: JobContext, inputs: dict[str, Any]) -> None:
         video = read_video(inputs["video_path"], T)
         _check_video_aspect(video, intr)
     fitting = settings.fit != "off"
-    models = pipeline_models(ctx, params, need_diffusion=True, need_recon=not fitting)
+    models = pipeline_models(ctx, params, need_diffusion=True,
+                             need_recon=not fitting or settings.fit_prior)
     frame = inputs["frame"]
     c2w_n = frame.to_normalised(c2w)
     try:
@@ -152,7 +153,11 @@ def run_generate(ctx: JobContext, inputs: dict[str, Any]) -> None:
     ctx.result({"grid": grid_u8}, content="grid", index=0, of=1)
     if fitting:
         cells = _generate_cells(video, inputs["freeze"], grid, grid_intr, settings)
-        seq, mode = run_fit(ctx, cells, c2w_n, intr, settings)
+        prior = None
+        if settings.fit_prior:
+            prior = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, grid_intr,
+                                              settings, progress_reporter(ctx))
+        seq, mode = run_fit(ctx, cells, c2w_n, intr, settings, prior)
     else:
         mode = "classic"  # the feed-forward Gaussians
         seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, grid_intr,

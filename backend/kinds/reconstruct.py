@@ -44,16 +44,17 @@ def run_reconstruct(ctx: JobContext, inputs: dict[str, Any]) -> None:
     c2w_n = frame.to_normalised(inputs["c2w"])
     V, T = inputs["c2w"].shape[:2]
     fitting = settings.fit != "off"
-    if fitting:  # every given cell, at the user's resolution
-        cells = [pipeline.FitCells(inputs["images"], np.ones((V, T), np.float32))]
-        seq, mode = run_fit(ctx, cells, c2w_n, inputs["intrinsics"], settings)
-    else:
-        mode = "classic"  # the feed-forward Gaussians
+    seq = None
+    if not fitting or settings.fit_prior:  # the feed-forward Gaussians
         models = pipeline_models(ctx, params, need_diffusion=False)
         size = tuple(models["reconstruction"].config.image_size)
         grid, grid_intr = pipeline.model_frames(inputs["images"], inputs["intrinsics"], size)
         seq = pipeline.reconstruct_grid(models["reconstruction"], grid, c2w_n, grid_intr,
                                         settings, progress_reporter(ctx))
+    mode = "classic"  # how the feed-forward Gaussians are drawn
+    if fitting:  # every given cell, at the user's resolution
+        cells = [pipeline.FitCells(inputs["images"], np.ones((V, T), np.float32))]
+        seq, mode = run_fit(ctx, cells, c2w_n, inputs["intrinsics"], settings, prior=seq)
     ctx.check_cancelled()
     send_gaussians(ctx, seq, frame, identities=fitting, rasterize_mode=mode)
     ctx.progress("done", 1, 1, f"{V} views x {T} timesteps")

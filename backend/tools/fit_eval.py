@@ -71,31 +71,42 @@ def score(rendered: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
             "ssim": round(float(ssim(rendered, truth).mean()), 4)}
 
 
-def fit_scene(scene: dict, preset: str, seconds: float, resolution: int, seed: int = 0
-              ) -> tuple[list[Gaussians], Environment, dict, float]:
+def fit_scene(scene: dict, preset: str, seconds: float, resolution: int, seed: int = 0,
+              init: str = "stereo") -> tuple[list[Gaussians], Environment, dict, float]:
     """The reconstruct job's fit of a scene's rig frames: Gaussians per timestep in the
-    world, the learned environment, the fit's summary and its time in seconds."""
+    world, the learned environment, the fit's summary and its time in seconds (the
+    feed-forward prior's included, with `init` "stereo+recon")."""
     frames, c2w, intr = scene["frames"], scene["c2w"], scene["intrinsics"]
     V, T = frames.shape[:2]
     frame = pipeline.rig_frame(c2w)
     settings = pipeline.GenerateSettings(fit=preset, fit_seconds=seconds, seed=seed,
-                                         fit_resolution=resolution)
+                                         fit_resolution=resolution, fit_init=init)
     started = time.perf_counter()
+    prior = None
+    if settings.fit_prior:  # as the reconstruct job: the shipped model on the frames
+        from backend import models as registry
+
+        _, folder = registry.find_model("reconstruction", None)
+        recon = registry.load_model(folder, "cpu", role="reconstruction")
+        grid, grid_intr = pipeline.model_frames(frames, intr, tuple(recon.config.image_size))
+        prior = pipeline.reconstruct_grid(recon, grid, frame.to_normalised(c2w), grid_intr,
+                                          settings)
     seq, summary = pipeline.fit_cells([pipeline.FitCells(frames, np.ones((V, T), np.float32))],
-                                      frame.to_normalised(c2w), intr, settings)
+                                      frame.to_normalised(c2w), intr, settings, prior=prior)
     seconds_taken = time.perf_counter() - started
     background = (Environment.from_list(summary["environment"]) if summary["environment"]
                   else Environment.constant(torch.tensor(summary["background"]), 0))
     return [frame.to_world(g) for g in seq], background, summary, seconds_taken
 
 
-def check_double_resolution(scene: dict, preset: str, seconds: float) -> dict:
+def check_double_resolution(scene: dict, preset: str, seconds: float, init: str = "stereo"
+                            ) -> dict:
     """Fit at half the frames' size; render the rig's views and the held-out views at twice
     that (the frames' size) and score against their frames, beside the half-size render
     upsampled bilinearly. At the rig's views the fit knows the content, so speckle is what
     makes the 2x render lose; at held-out views a sharp guess can lose to a blurred one."""
     size = max(scene["frames"].shape[2:4])
-    world, background, summary, _ = fit_scene(scene, preset, seconds, size // 2)
+    world, background, summary, _ = fit_scene(scene, preset, seconds, size // 2, init=init)
     mode = summary["rasterize_mode"]
     rows: dict[str, list] = {k: [] for k in ("input_2x", "input_upsampled_2x",
                                              "held_out_2x", "upsampled_2x")}
@@ -117,13 +128,13 @@ def check_double_resolution(scene: dict, preset: str, seconds: float) -> dict:
                    for k in ("psnr", "ssim")} for name, values in rows.items()}
 
 
-def evaluate_scene(scene: dict, preset: str, seconds: float, seed: int = 0
-                   ) -> tuple[dict, dict[str, torch.Tensor]]:
+def evaluate_scene(scene: dict, preset: str, seconds: float, seed: int = 0,
+                   init: str = "stereo") -> tuple[dict, dict[str, torch.Tensor]]:
     """Fit one scene's rig frames; score every timestep at the rig and held-out views."""
     frames, c2w, intr = scene["frames"], scene["c2w"], scene["intrinsics"]
     V, T = frames.shape[:2]
     world, background, summary, fit_seconds = fit_scene(scene, preset, seconds,
-                                                        max(frames.shape[2:4]), seed)
+                                                        max(frames.shape[2:4]), seed, init)
     mode = summary["rasterize_mode"]
     rows: dict[str, list] = {k: [] for k in ("input", "held_out", "mean_colour", "nearest")}
     pictures: dict[str, list[torch.Tensor]] = {"truth": [], "ours": [], "nearest": []}
@@ -181,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--seconds", type=float, default=0.0)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "fit_eval")
+    parser.add_argument("--init", default="stereo", choices=("stereo", "stereo+recon"),
+                        help="the fit's initialisation (the jobs' fit_init)")
     parser.add_argument("--check-2x", action="store_true",
                         help="also fit at half size and render at twice that")
     args = parser.parse_args(argv)
@@ -192,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     reports = {}
     for folder in folders:
         scene = load_scene(folder)
-        report, pictures = evaluate_scene(scene, args.preset, args.seconds)
+        report, pictures = evaluate_scene(scene, args.preset, args.seconds, init=args.init)
         if args.check_2x:
-            report.update(check_double_resolution(scene, args.preset, args.seconds))
+            report.update(check_double_resolution(scene, args.preset, args.seconds, args.init))
         comparison_grid(pictures, args.out / f"{folder.name}.png")
         reports[folder.name] = report
         print(f"{folder.name}: input {report['input']['psnr']:.2f} dB, held-out "
@@ -211,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         [r["held_out_over_best_baseline_db"] for r in reports.values()])), 3)
     summary["fit_seconds"] = round(float(np.mean([r["fit_seconds"]
                                                   for r in reports.values()])), 1)
-    out = {"preset": args.preset, "scenes": reports, "mean": summary}
+    out = {"preset": args.preset, "init": args.init, "scenes": reports, "mean": summary}
     (args.out / "report.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
